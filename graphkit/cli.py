@@ -1,0 +1,107 @@
+"""The `graphkit` command line. Heavy modules (torch, transformers) load only inside the commands
+that need them, so `graphkit inspect` and `graphkit --help` start fast."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from graphkit.errors import GraphkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="ONNX graph surgery for LoRA fine-tuned causal LMs, proven in Transformers.js.")
+
+
+def _fail(exc: GraphkitError) -> None:
+    from graphkit.console import err
+    err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+# ---------------------------------------------------------------- export / apply / passes
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="Local Hugging Face model folder (config.json + *.safetensors)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Path of the .onnx file to write."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="peft LoRA adapter folder to merge."),
+    exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (can run code)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Merge the adapter and export the decoder with KV cache to ONNX."""
+    from graphkit.console import emit_json, err
+    try:
+        from graphkit.export import export_model
+        summary = export_model(model_dir, output, adapter, exporter=exporter, allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code, progress=lambda m: err.print(f"• {m}"))
+    except GraphkitError as exc:
+        _fail(exc)
+    if json_out:
+        emit_json(summary)
+    else:
+        err.print(f"[green]wrote[/] {', '.join(summary['files'])} in {summary['total_s']} s")
+
+
+@app.command()
+def apply(
+    model: Path = typer.Argument(..., help="Input .onnx file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .onnx file."),
+    passes: str = typer.Option(..., "--passes", "-p", help='Ordered pass spec, e.g. "kv-rename,matmul-nbits(bits=4,block_size=32),fp16".'),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip onnx.checker and shape inference after each pass."),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data", help="Force external data on/off (default: only above 2 GB)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the per-pass reports as JSON."),
+) -> None:
+    """Run graph passes in order on an ONNX file."""
+    from graphkit.console import emit_json, err
+    try:
+        from graphkit.modelio import load_model, save_model
+        from graphkit.pipeline import parse_spec, run_passes
+        pass_list = parse_spec(passes)
+        m = load_model(model)
+        m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True))
+        files = save_model(m, output, external_data=external_data)
+    except GraphkitError as exc:
+        _fail(exc)
+    if json_out:
+        emit_json({"input": str(model), "output": str(output), "files": [str(f) for f in files],
+                   "passes": [r.as_dict() for r in reports]})
+    else:
+        err.print(f"[green]wrote[/] {', '.join(map(str, files))}")
+
+
+@app.command("passes")
+def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List every pass with its options, defaults and tolerance."""
+    from graphkit.console import emit_json, out
+    from graphkit.pipeline import registry
+    reg = registry()
+    if json_out:
+        emit_json({name: {"doc": (cls.__doc__ or "").strip().splitlines()[0], "tolerance": cls.tolerance,
+                          "options": [dict(name=n, type=t, default=d, help=h) for n, t, d, h in cls.option_specs()]}
+                   for name, cls in reg.items()})
+        return
+    for name, cls in reg.items():
+        out.print(f"[bold]{name}[/]  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        out.print(f"    tolerance: {cls.tolerance}")
+        for n, t, d, h in cls.option_specs():
+            out.print(f"    {n} ({t}, default {d!r}): {h}")
+
+
+# ---------------------------------------------------------------- convert / verify
+# ---------------------------------------------------------------- inspect / diff / bench
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: nothing was left half-written at the output path\n")
+        sys.exit(130)
+    except GraphkitError as exc:  # raised outside a command body
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)

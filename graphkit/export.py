@@ -1,0 +1,192 @@
+"""Export a (merged) causal LM to a Transformers.js-shaped decoder ONNX graph with KV cache.
+
+Guarantees of the exported graph:
+- inputs ``input_ids``, ``attention_mask``, ``position_ids`` (int64) and
+  ``past_key_values.{i}.key/.value``; outputs ``logits`` and ``present.{i}.key/.value``;
+- KV layout ``[batch_size, kv_heads, seq, head_dim]`` with kv_heads and head_dim static numbers
+  (Transformers.js 4.x fills only ``batch_size`` when it builds the empty cache: every other
+  symbol becomes 0);
+- dynamic dims named ``batch_size``, ``sequence_length``, ``past_sequence_length``,
+  ``total_sequence_length``;
+- runs for past length 0 and > 0 and batch > 1 with left padding; fp32 logits within 1e-4 of PyTorch.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import onnx
+
+from graphkit.errors import GraphkitError
+from graphkit.hfmodel import load_causal_lm
+from graphkit.modelio import load_model, save_model
+
+Exporter = Literal["dynamo", "torchscript"]
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+            ["logits"] + [f"present.{n}" for n in kv])
+
+
+def _wrapper(model):
+    import torch
+    from transformers import DynamicCache
+
+    num_layers = model.config.num_hidden_layers
+
+    class FlatCacheDecoder(torch.nn.Module):
+        """Takes the past as flat tensors, returns logits and the flat present."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True, return_dict=True)
+            layers = out.past_key_values.layers[:num_layers]
+            return (out.logits, *[t for layer in layers for t in (layer.keys, layer.values)])
+
+    return FlatCacheDecoder(model).eval()
+
+
+def kv_shape(config) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+def sample_inputs(config, batch: int = 2, seq: int = 4, past: int = 3):
+    """Trace inputs: past length > 1 so the exporter does not specialise on 0/1."""
+    import torch
+    kv_heads, head_dim = kv_shape(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    pos = torch.arange(past, past + seq).unsqueeze(0).expand(batch, seq).contiguous()
+    kv = [torch.randn(batch, kv_heads, past, head_dim, generator=g) for _ in range(2 * config.num_hidden_layers)]
+    return (ids, mask, pos, *kv)
+
+
+def _export_torchscript(wrapper, args, path: Path, num_layers: int) -> None:
+    import torch
+    ins, outs = io_names(num_layers)
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    for n in ins[3:]:
+        axes[n] = {0: "batch_size", 2: "past_sequence_length"}
+    for n in outs[1:]:
+        axes[n] = {0: "batch_size", 2: "total_sequence_length"}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=ins, output_names=outs,
+                          dynamic_axes=axes, opset_version=17, do_constant_folding=True)
+
+
+def _export_dynamo(wrapper, args, path: Path, num_layers: int) -> None:
+    import torch
+    from torch.export import Dim
+    ins, outs = io_names(num_layers)
+    batch = Dim("batch_size", min=1, max=1024)
+    seq = Dim("sequence_length", min=1, max=32768)
+    past = Dim("past_sequence_length", min=0, max=32768)
+    total = Dim("total_sequence_length", min=1, max=65536)
+    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+              "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers))}
+    import logging
+    import warnings
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(wrapper, args, None, dynamo=True, dynamic_shapes=shapes, input_names=ins,
+                                 output_names=outs, optimize=True, opset_version=18, verbose=False)
+    prog.save(str(path), external_data=True)
+
+
+def normalize_io(model: onnx.ModelProto) -> None:
+    """Name every dynamic dim of the graph I/O the way Transformers.js expects."""
+    def set_dims(vi, names: dict[int, str]) -> None:
+        dims = vi.type.tensor_type.shape.dim
+        for idx, name in names.items():
+            if idx < len(dims) and not dims[idx].HasField("dim_value"):
+                dims[idx].dim_param = name
+    for vi in model.graph.input:
+        if vi.name in ("input_ids", "position_ids"):
+            set_dims(vi, {0: "batch_size", 1: "sequence_length"})
+        elif vi.name == "attention_mask":
+            set_dims(vi, {0: "batch_size", 1: "total_sequence_length"})
+        elif vi.name.startswith("past_key_values."):
+            set_dims(vi, {0: "batch_size", 2: "past_sequence_length"})
+    for vi in model.graph.output:
+        if vi.name == "logits":
+            set_dims(vi, {0: "batch_size", 1: "sequence_length"})
+        elif vi.name.startswith("present."):
+            set_dims(vi, {0: "batch_size", 2: "total_sequence_length"})
+
+
+def check_static_kv(model: onnx.ModelProto, kv_heads: int, head_dim: int) -> None:
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name.startswith(("past_key_values.", "present.")):
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) != 4 or dims[1].dim_value != kv_heads or dims[3].dim_value != head_dim:
+                shown = [d.dim_value or d.dim_param for d in dims]
+                raise GraphkitError(f"export produced {vi.name} with shape {shown}; expected [batch_size, {kv_heads}, seq, {head_dim}]")
+
+
+def export_model(model_dir: str | Path, output: str | Path, adapter_dir: str | Path | None = None,
+                 exporter: Exporter = "dynamo", allow_pickle: bool = False, trust_remote_code: bool = False,
+                 external_data: bool | None = None, progress=None) -> dict:
+    """Load (and merge) the model and write the decoder ONNX atomically. Returns a summary dict."""
+    output = Path(output)
+    step = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    step("loading model" + (" and merging adapter" if adapter_dir else ""))
+    model, _ = load_causal_lm(Path(model_dir), Path(adapter_dir) if adapter_dir else None, allow_pickle, trust_remote_code)
+    t_load = time.perf_counter() - t0
+    onnx_model = export_loaded(model, exporter, progress=step)
+    step(f"writing {output}")
+    written = save_model(onnx_model, output, external_data=external_data)
+    return {"output": str(output), "files": [str(p) for p in written], "exporter": exporter,
+            "load_s": round(t_load, 2), "total_s": round(time.perf_counter() - t0, 2),
+            "num_layers": model.config.num_hidden_layers}
+
+
+def export_loaded(model, exporter: Exporter = "dynamo", progress=None) -> onnx.ModelProto:
+    """Export an already-loaded transformers causal LM; returns the ONNX model in memory."""
+    import torch
+    step = progress or (lambda msg: None)
+    config = model.config
+    wrapper = _wrapper(model)
+    args = sample_inputs(config)
+    step(f"exporting with torch.onnx ({exporter})")
+    with tempfile.TemporaryDirectory(prefix="graphkit-export-") as tmp, torch.no_grad():
+        path = Path(tmp) / "model.onnx"
+        try:
+            if exporter == "torchscript":
+                _export_torchscript(wrapper, args, path, config.num_hidden_layers)
+            elif exporter == "dynamo":
+                _export_dynamo(wrapper, args, path, config.num_hidden_layers)
+            else:
+                raise GraphkitError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
+        except GraphkitError:
+            raise
+        except Exception as exc:
+            raise GraphkitError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+        onnx_model = load_model(path)
+    normalize_io(onnx_model)
+    check_static_kv(onnx_model, *kv_shape(config))
+    onnx_model.producer_name = "graphkit"
+    meta = onnx_model.metadata_props.add()
+    meta.key, meta.value = "graphkit.exporter", exporter
+    return onnx_model

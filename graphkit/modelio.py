@@ -1,0 +1,271 @@
+"""Loading and saving ONNX models safely.
+
+Loading checks every external-data reference before reading it: the ``location`` must be a plain
+relative name that stays inside the model's folder (no absolute path, no ``..``, no symlink out),
+the file must exist, and it must be long enough for the tensor's offset and length.
+
+Saving is atomic: everything is written into a temporary folder next to the destination and moved
+into place at the end, so a failure (exception, Ctrl-C, full disk) leaves either the previous
+output or nothing, never a partial ``.onnx``/``.onnx_data`` pair. Large models are written with
+external data in chunks named ``<file>.onnx_data``, ``<file>.onnx_data_1``, … each under
+``max_chunk_bytes`` (Transformers.js's naming), with bare file names as ``location``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from graphkit.errors import GraphkitError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Tensors at least this large go to external data when a model is saved with external data.
+EXTERNAL_MIN_BYTES = 1024
+DEFAULT_CHUNK_BYTES = 2_000_000_000  # < 2 GB: browsers and ORT-web read each chunk into one buffer
+_ALIGN = 64
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto in the model: initializers, Constant attributes, subgraphs."""
+    def walk(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+    yield from walk(model.graph)
+
+
+def _external_info(tensor: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def check_external_locations(model: onnx.ModelProto, base_dir: Path, model_path: Path) -> list[str]:
+    """Validate every external reference; return the data files used. Raises GraphkitError."""
+    base = base_dir.resolve()
+    files: dict[str, int] = {}
+    for tensor in iter_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = _external_info(tensor)
+        loc = info.get("location", "")
+        where = f"{model_path}: tensor '{tensor.name}'"
+        if not loc:
+            raise GraphkitError(f"{where} has external data without a location")
+        if os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts:
+            raise GraphkitError(
+                f"{where} points outside the model folder (location {loc!r}); refusing to read it. "
+                "External data must be a file beside the .onnx")
+        target = (base / loc)
+        try:
+            resolved = target.resolve(strict=True)
+        except FileNotFoundError:
+            raise GraphkitError(f"{where}: external data file {loc!r} is missing next to {model_path.name}") from None
+        if base not in resolved.parents and resolved != base:
+            raise GraphkitError(f"{where}: external data {loc!r} is a link that leaves the model folder; refusing it")
+        size = files.setdefault(loc, resolved.stat().st_size)
+        offset = int(info.get("offset", 0) or 0)
+        expected = _expected_nbytes(tensor)
+        length = int(info["length"]) if "length" in info else expected
+        if expected is not None and length is not None and length != expected:
+            raise GraphkitError(
+                f"{where}: external data length {length} does not match its shape/dtype ({expected} bytes)")
+        if length is not None and offset + length > size:
+            raise GraphkitError(
+                f"{where}: external data file {loc!r} is truncated ({size} bytes, tensor needs "
+                f"offset {offset} + {length}); re-export or re-download it")
+    return sorted(files)
+
+
+def _expected_nbytes(tensor: TensorProto) -> int | None:
+    try:
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except Exception:
+        return None
+    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * np.dtype(np_dtype).itemsize
+
+
+def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, refusing unsafe or broken external data with a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphkitError(f"{path}: no such file")
+    if path.is_dir():
+        raise GraphkitError(f"{path} is a folder; give the path of a .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise GraphkitError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]}); "
+                            "the file may be truncated or not ONNX") from None
+    if not model.graph.node and not model.graph.output:
+        raise GraphkitError(f"{path}: not a readable ONNX model (empty graph); the file may be truncated or not ONNX")
+    check_external_locations(model, path.parent, path)
+    if load_external:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise GraphkitError(f"{path}: failed to read external data ({exc})") from None
+    return model
+
+
+def model_nbytes(model: onnx.ModelProto) -> int:
+    """Serialized size estimate: proto size plus tensor bytes (works above 2 GB)."""
+    total = 0
+    for t in iter_tensors(model):
+        total += len(t.raw_data) if t.HasField("raw_data") else 0
+    return total + sum(len(n.SerializeToString()) for n in model.graph.node if n.op_type != "Constant")
+
+
+def tensor_bytes(t: TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).tobytes()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside ``final_dir`` (created if needed) removed on exit."""
+    final_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".graphkit-tmp-", dir=final_dir))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
+               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Path]:
+    """Save atomically; return the files written (the .onnx first, then data chunks).
+
+    ``external_data=None`` picks external data only when the model would not fit in one protobuf.
+    The in-memory model is left as it was.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise GraphkitError(f"{parent} is not a folder; cannot write {path.name} there")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GraphkitError(f"cannot create output folder {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise GraphkitError(f"{parent}: folder is not writable; choose another --output")
+    if external_data is None:
+        external_data = model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20
+    try:
+        with atomic_output_dir(parent) as tmp:
+            written = _write(model, tmp / path.name, external_data, max_chunk_bytes)
+            stale = [p for p in parent.glob(path.name + "_data*") if p.is_file()]
+            if len(written) == 1:
+                os.replace(written[0], path)  # atomic: the old file or the new one, never half
+                for old in stale:
+                    old.unlink()
+                return [path]
+            # With data files there is no single atomic rename: drop the old .onnx first so a crash
+            # in between leaves no .onnx at all (never one pointing at the wrong data), move the
+            # data, and move the .onnx last.
+            path.unlink(missing_ok=True)
+            for old in stale:
+                old.unlink()
+            for f in written[1:]:
+                os.replace(f, parent / f.name)
+            os.replace(written[0], path)
+            return [path] + [parent / f.name for f in written[1:]]
+    except OSError as exc:
+        raise GraphkitError(f"writing {path} failed: {exc.strerror or exc}; nothing was left at the output path") from None
+
+
+def _write(model: onnx.ModelProto, path: Path, external: bool, max_chunk_bytes: int) -> list[Path]:
+    if not external:
+        data = model.SerializeToString()
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return [path]
+    moved: list[tuple[TensorProto, bytes, int]] = []
+    files: list[Path] = []
+    chunk_index, offset, fh = -1, 0, None
+
+    def open_chunk() -> None:
+        nonlocal chunk_index, offset, fh
+        if fh is not None:
+            fh.flush(); os.fsync(fh.fileno()); fh.close()
+        chunk_index += 1
+        name = path.name + "_data" + (f"_{chunk_index}" if chunk_index else "")
+        files.append(path.parent / name)
+        fh = open(files[-1], "wb")
+        offset = 0
+
+    try:
+        for tensor in iter_tensors(model):
+            if tensor.data_location == TensorProto.EXTERNAL:
+                raise GraphkitError(f"tensor '{tensor.name}' still refers to external data; load the model with its data first")
+            raw = tensor_bytes(tensor)
+            if len(raw) < EXTERNAL_MIN_BYTES:
+                continue
+            if fh is None or (offset and offset + len(raw) > max_chunk_bytes):
+                open_chunk()
+            pad = (-offset) % _ALIGN
+            if pad:
+                fh.write(b"\0" * pad); offset += pad
+            fh.write(raw)
+            moved.append((tensor, raw, tensor.data_type))
+            _set_external(tensor, files[-1].name, offset, len(raw))
+            offset += len(raw)
+        if fh is not None:
+            fh.flush(); os.fsync(fh.fileno()); fh.close(); fh = None
+        with open(path, "wb") as out:
+            out.write(model.SerializeToString())
+            out.flush(); os.fsync(out.fileno())
+    finally:
+        if fh is not None:
+            fh.close()
+        for tensor, raw, _ in moved:  # restore the caller's in-memory model
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            _clear_typed_data(tensor)
+            tensor.raw_data = raw
+    return [path] + files
+
+
+def _clear_typed_data(t: TensorProto) -> None:
+    for fld in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(fld)
+
+
+def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    _clear_typed_data(tensor)
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = k, v
+
+
+def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """onnx.checker, naming the problem; works above 2 GB when a saved path is given."""
+    try:
+        if path is not None and model_nbytes(model) > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise GraphkitError(f"{path or 'model'}: fails onnx.checker: {first}") from None

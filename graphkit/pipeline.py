@@ -1,0 +1,129 @@
+"""Parse a pass spec and run passes in order, checking the graph after each one.
+
+Spec grammar: ``name[(key=value, ...)]`` separated by commas, e.g.
+``"kv-rename,matmul-nbits(bits=4,block_size=32),fp16"``. List options take ``a|b|c``.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+
+from graphkit.errors import GraphkitError
+from graphkit.modelio import PROTOBUF_LIMIT, check_model, model_nbytes
+from graphkit.passbase import GraphPass, PassResult, coerce_option
+
+
+def registry() -> dict[str, type[GraphPass]]:
+    from passes import PASSES
+    return PASSES
+
+
+def _split_top_level(spec: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise GraphkitError(f"pass spec {spec!r}: unbalanced ')'")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur)); cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise GraphkitError(f"pass spec {spec!r}: missing ')'")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+_ITEM = re.compile(r"^([A-Za-z0-9_\-]+)\s*(?:\((.*)\))?$", re.S)
+
+
+def parse_spec(spec: str) -> list[GraphPass]:
+    """Build pass objects from a spec string; unknown passes/options raise GraphkitError."""
+    passes = registry()
+    out: list[GraphPass] = []
+    for item in _split_top_level(spec):
+        m = _ITEM.match(item)
+        if not m:
+            raise GraphkitError(f"cannot parse pass {item!r}; expected name or name(key=value,...)")
+        name, args = m.group(1), m.group(2)
+        if name not in passes:
+            raise GraphkitError(f"unknown pass '{name}'; available: {', '.join(sorted(passes))} (see `graphkit passes`)")
+        cls = passes[name]
+        kwargs = {}
+        for kv in _split_top_level(args or ""):
+            if "=" not in kv:
+                raise GraphkitError(f"pass '{name}': option {kv!r} must be key=value")
+            key, raw = (s.strip() for s in kv.split("=", 1))
+            kwargs[key] = coerce_option(cls, key, raw)
+        out.append(cls(**kwargs))
+    if not out:
+        raise GraphkitError("empty pass spec; name at least one pass (see `graphkit passes`)")
+    return out
+
+
+@dataclass
+class PassReport:
+    name: str
+    modified: bool
+    summary: str
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    checked: str
+
+    def line(self) -> str:
+        mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
+        state = "changed" if self.modified else "unchanged"
+        return (f"{self.name:<14} {state:<9} nodes {self.nodes_before}->{self.nodes_after}  "
+                f"weights {mb(self.bytes_before)}->{mb(self.bytes_after)}  {self.seconds:.2f}s  "
+                f"[{self.checked}]  {self.summary}")
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) if t.HasField("raw_data") else
+               onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def verify_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """onnx.checker + strict shape inference; above 2 GB both are skipped with a note."""
+    if model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
+        return model, "checker/shape inference skipped: model above 2 GB"
+    check_model(model)
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False, data_prop=False)
+    except Exception as exc:
+        raise GraphkitError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+    return model, "checker ok, shapes ok"
+
+
+def run_passes(model: onnx.ModelProto, passes: list[GraphPass], check: bool = True,
+               on_report: Callable[[PassReport], None] | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
+    reports = []
+    for p in passes:
+        nb, bb = len(model.graph.node), initializer_bytes(model)
+        t0 = time.perf_counter()
+        result: PassResult = p(model)
+        model = result.model
+        checked = "not checked"
+        if check and result.modified:
+            model, checked = verify_graph(model)
+        elif not result.modified:
+            checked = "unchanged"
+        rep = PassReport(p.describe(), result.modified, result.summary, nb, len(model.graph.node), bb,
+                         initializer_bytes(model), time.perf_counter() - t0, checked)
+        reports.append(rep)
+        if on_report:
+            on_report(rep)
+    return model, reports

@@ -1,0 +1,10 @@
+"""Graph passes, one module per pass. ``PASSES`` maps each pass's CLI name to its class."""
+from __future__ import annotations
+
+from passes.fp16 import Fp16Pass
+from passes.kv_rename import KvRenamePass
+from passes.matmul_nbits import MatMulNBitsPass
+
+PASSES = {cls.name: cls for cls in (KvRenamePass, MatMulNBitsPass, Fp16Pass)}
+
+__all__ = ["PASSES", "Fp16Pass", "KvRenamePass", "MatMulNBitsPass"]
