@@ -93,6 +93,70 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
 
 
 # ---------------------------------------------------------------- convert / verify
+
+
+@app.command(help="Export the model once and write a Transformers.js folder with one ONNX file per dtype.\n\n"
+                  "Pipelines (dtype → passes): fp32: export as is; fp16: fp16; q4: matmul-nbits(bits=4,block_size=32); "
+                  "q4f16: matmul-nbits(bits=4,block_size=32),fp16; q8: matmul-int8 (written as model_quantized.onnx).")
+def convert(
+    model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model folder (default: the shipped epicrisis-tiny example with its adapter)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="peft LoRA adapter folder to merge."),
+    dtypes: str = typer.Option("fp32,fp16,q4,q4f16,q8", "--dtypes", help="Comma-separated dtypes to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
+    no_agreement: bool = typer.Option(False, "--no-agreement", help="Skip the agreement-with-fp32 check in the summary."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    from graphkit.console import emit_json, err
+    try:
+        from graphkit.convert import convert as run_convert, parse_dtypes, render
+        if model_dir is None:
+            from graphkit.examples import example_dir
+            model_dir = example_dir() / "base"
+            adapter = adapter or example_dir() / "adapter"
+        dtype_list = parse_dtypes(dtypes)
+        with err.status("converting") as status:
+            def progress(msg: str) -> None:
+                err.print(f"• {msg}", soft_wrap=True)
+                status.update(msg.strip()[:80])
+            summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
+                                  check_agreement=not no_agreement, progress=progress)
+    except GraphkitError as exc:
+        _fail(exc)
+    if json_out:
+        emit_json(summary)
+    else:
+        render(summary)
+    if not summary["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    folder: Path = typer.Argument(..., help="A Transformers.js model folder (from `graphkit convert`)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="Hugging Face model folder to compare against with PyTorch (default: the folder's fp32 model.onnx)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="peft adapter to merge into --reference."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON list of prompts (strings, or chat message lists)."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens to generate per prompt."),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Only these dtypes (comma-separated)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check each ONNX variant against PyTorch (or fp32 ONNX): top-1 agreement, KL, divergence, NaN/inf."""
+    from graphkit.console import emit_json, err
+    try:
+        from graphkit.verify import render, verify_folder
+        result = verify_folder(folder, reference, adapter, prompts, new_tokens,
+                               [d.strip() for d in dtypes.split(",")] if dtypes else None,
+                               progress=lambda m: err.print(f"• {m}"))
+    except GraphkitError as exc:
+        _fail(exc)
+    if json_out:
+        emit_json(result)
+    else:
+        render(result)
+    if not result["passed"]:
+        raise typer.Exit(1)
 # ---------------------------------------------------------------- inspect / diff / bench
 
 

@@ -1,0 +1,208 @@
+"""`graphkit convert`: a Hugging Face model (+ LoRA adapter) → a folder Transformers.js loads offline.
+
+Export once, then run one named pipeline of passes per dtype and write::
+
+    OUT/config.json               (+ "transformers.js_config" where needed)
+    OUT/generation_config.json
+    OUT/tokenizer.json
+    OUT/tokenizer_config.json     (chat_template embedded: Transformers.js reads it only there)
+    OUT/onnx/model.onnx           fp32
+    OUT/onnx/model_fp16.onnx      fp16
+    OUT/onnx/model_q4.onnx        q4
+    OUT/onnx/model_q4f16.onnx     q4f16
+    OUT/onnx/model_quantized.onnx q8 (the browser's wasm default)
+
+Files that would pass 2 GB get external data chunks ``model_X.onnx_data``, ``model_X.onnx_data_1``…
+
+The folder is built in a temporary sibling folder and renamed into place at the end: a failure or
+Ctrl-C leaves the previous output (or nothing). A dtype whose pipeline fails is left out entirely
+and reported; the command then exits non-zero.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from graphkit.errors import GraphkitError
+from graphkit.verify import DTYPE_FILES
+
+# dtype → the pass spec that makes it from the fp32 export (empty: the export itself).
+PIPELINES: dict[str, str] = {
+    "fp32": "",
+    "fp16": "fp16",
+    "q4": "matmul-nbits(bits=4,block_size=32)",
+    "q4f16": "matmul-nbits(bits=4,block_size=32),fp16",
+    "q8": "matmul-int8",
+}
+DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
+FP16_KV_DTYPES = {"fp16", "q4f16"}
+
+
+@dataclass
+class DtypeResult:
+    dtype: str
+    file: str
+    ok: bool
+    bytes: int = 0
+    seconds: float = 0.0
+    passes: list[str] | None = None
+    top1_vs_fp32: float | None = None
+    kl_vs_fp32: float | None = None
+    error: str | None = None
+
+
+def parse_dtypes(text: str) -> list[str]:
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in PIPELINES]
+    if bad or not dtypes:
+        raise GraphkitError(f"unknown dtype(s) {', '.join(bad) or '(none)'}; choose from {', '.join(PIPELINES)}")
+    return dtypes
+
+
+def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], external: dict[str, int]) -> None:
+    """config.json (+transformers.js_config), generation_config.json, tokenizer files."""
+    from graphkit.hfmodel import read_json
+    config = read_json(model_dir / "config.json", "a model folder needs config.json")
+    if "head_dim" not in config and config.get("hidden_size") and config.get("num_attention_heads"):
+        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]  # Transformers.js 3.x qwen3 reads it
+    tjs = dict(config.get("transformers.js_config", {}))
+    fp16_kv = {d: "float16" for d in dtypes_written if d in FP16_KV_DTYPES}
+    if fp16_kv:
+        tjs["kv_cache_dtype"] = fp16_kv  # read by Transformers.js 3.x–4.1; 4.2+ reads the graph
+    if external:
+        tjs["use_external_data_format"] = external
+    if tjs:
+        config["transformers.js_config"] = tjs
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        shutil.copyfile(gen, out / "generation_config.json")
+    tok_json = model_dir / "tokenizer.json"
+    tok_cfg_path = model_dir / "tokenizer_config.json"
+    if not tok_json.exists() or not tok_cfg_path.exists():
+        raise GraphkitError(f"{model_dir}: tokenizer.json and tokenizer_config.json are needed for a Transformers.js folder")
+    shutil.copyfile(tok_json, out / "tokenizer.json")
+    tok_cfg = read_json(tok_cfg_path, "")
+    jinja = model_dir / "chat_template.jinja"
+    if not tok_cfg.get("chat_template") and jinja.exists():
+        tok_cfg["chat_template"] = jinja.read_text(encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise GraphkitError(f"{output} exists and is not a folder; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise GraphkitError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GraphkitError(f"cannot create {output.parent}: {exc.strerror}") from None
+    if not os.access(output.parent, os.W_OK):
+        raise GraphkitError(f"{output.parent} is not writable; choose another --output")
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
+            overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
+            max_chunk_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    from graphkit.export import export_model
+    from graphkit.modelio import DEFAULT_CHUNK_BYTES, load_model, save_model
+    from graphkit.pipeline import parse_spec, run_passes
+
+    step = progress or (lambda msg: None)
+    dtypes = dtypes or DEFAULT_DTYPES
+    model_dir, output = Path(model_dir), Path(output)
+    _prepare_output(output, overwrite)
+    chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
+    t_start = time.perf_counter()
+    results: list[DtypeResult] = []
+    external: dict[str, int] = {}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        onnx_dir = tmp / "onnx"
+        onnx_dir.mkdir()
+        scratch = tmp / ".export.onnx"
+        step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
+        t0 = time.perf_counter()
+        export_model(model_dir, scratch, adapter_dir, exporter=exporter)
+        export_s = time.perf_counter() - t0
+        for dtype in dtypes:
+            fname = DTYPE_FILES[dtype]
+            step(f"{dtype}: {PIPELINES[dtype] or 'export as is'} → onnx/{fname}")
+            t0 = time.perf_counter()
+            try:
+                model = load_model(scratch)
+                spec = PIPELINES[dtype]
+                reports = []
+                if spec:
+                    model, reports = run_passes(model, parse_spec(spec), on_report=lambda r: step("   " + r.line()))
+                force_external = True if max_chunk_bytes else None  # None: only above 2 GB
+                files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
+                del model
+                if len(files) > 1:
+                    external[fname] = len(files) - 1
+                results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
+                                           round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
+                                           [r.name for r in reports]))
+            except GraphkitError as exc:
+                for f in onnx_dir.glob(fname + "*"):
+                    f.unlink()
+                results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2), error=str(exc)))
+                step(f"{dtype}: FAILED: {exc}")
+        scratch.unlink(missing_ok=True)
+        written = [r.dtype for r in results if r.ok]
+        write_configs(model_dir, tmp, written, external)
+        if check_agreement and "fp32" in written and len(written) > 1:
+            step("agreement with fp32 on the default prompts")
+            _agreement(tmp, results)
+        _swap_into_place(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
+            "exporter": exporter, "total_s": round(time.perf_counter() - t_start, 2),
+            "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
+
+
+def _agreement(folder: Path, results: list[DtypeResult]) -> None:
+    from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts
+    from graphkit.verify import OnnxReference, check_variant, reference_runs
+    prompts = encode_prompts(folder, DEFAULT_PROMPTS[:2])
+    runs = reference_runs(OnnxReference(folder / "onnx" / "model.onnx"), prompts, 16)
+    for r in results:
+        if r.ok and r.dtype != "fp32":
+            rep = check_variant(r.dtype, folder / r.file, runs)
+            r.top1_vs_fp32, r.kl_vs_fp32 = round(rep.top1_agreement, 4), round(rep.kl_mean, 5)
+
+
+def render(summary: dict) -> None:
+    from rich.table import Table
+
+    from graphkit.console import fmt_bytes, out
+    table = Table(title=f"graphkit convert → {summary['output']} ({summary['total_s']} s)")
+    for col in ("dtype", "file", "size", "time (s)", "passes", "top-1 vs fp32", "KL vs fp32", "status"):
+        table.add_column(col)
+    for d in summary["dtypes"]:
+        table.add_row(d["dtype"], d["file"], fmt_bytes(d["bytes"]) if d["ok"] else "-", str(d["seconds"]),
+                      ", ".join(d["passes"] or []) or "(export)",
+                      "-" if d["top1_vs_fp32"] is None else f"{d['top1_vs_fp32']:.3f}",
+                      "-" if d["kl_vs_fp32"] is None else f"{d['kl_vs_fp32']:.5f}",
+                      "[green]ok[/]" if d["ok"] else f"[red]failed[/] {d['error']}")
+    out.print(table)
