@@ -11,6 +11,7 @@ Passes operate on ``onnx.ModelProto`` and may use onnx-graphsurgeon internally.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ def option(default: Any, help: str) -> Any:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " | ".join(_type_name(a) for a in args) + " | None"
     if origin is typing.Literal:
@@ -124,7 +125,7 @@ def coerce_option(pass_cls: type[GraphPass], key: str, raw: str) -> Any:
 def _coerce(tp: Any, raw: str, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if raw.lower() in ("none", "null") and type(None) in args:
             return None
         errors = []
