@@ -160,6 +160,65 @@ def verify(
 # ---------------------------------------------------------------- inspect / diff / bench
 
 
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="A .onnx file or a Transformers.js model folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Show I/O, ops, sizes, quantization coverage and Transformers.js compatibility problems."""
+    from graphkit.console import emit_json, out
+    try:
+        from graphkit.inspect import inspect_path, render_inspect
+        report = inspect_path(path)
+    except GraphkitError as exc:
+        _fail(exc)
+    emit_json(report) if json_out else render_inspect(report, out)
+
+
+@app.command("diff")
+def diff_cmd(
+    a: Path = typer.Argument(..., help="First .onnx file."),
+    b: Path = typer.Argument(..., help="Second .onnx file."),
+    run: bool = typer.Option(False, "--run", help="Run both on the same inputs and compare outputs."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Compare two graphs: I/O, ops, nodes, initializers, size; with --run, their outputs."""
+    from graphkit.console import emit_json, out
+    try:
+        from graphkit.diff import diff_models, render_diff
+        report = diff_models(a, b, run=run)
+    except GraphkitError as exc:
+        _fail(exc)
+    emit_json(report) if json_out else render_diff(report, out)
+    if report["run"] and report["run"].get("error"):
+        raise typer.Exit(2)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Path = typer.Argument(..., help="A decoder .onnx file or a Transformers.js model folder."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu, cuda, tensorrt, dml, coreml, webgpu, … or a full ORT provider name."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Which onnx/model{suffix}.onnx of a folder (fp32, fp16, q4, q4f16, q8, …)."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="Prefill length."),
+    new_tokens: int = typer.Option(64, "--new-tokens", min=1, help="Greedy decode steps timed."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per model (medians are reported)."),
+    vs: Optional[Path] = typer.Option(None, "--vs", help="A second model to run alternately; ratios are printed."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ORT intra-op threads (default: ORT's)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Measure load time, prefill latency, decode speed, peak RSS and size with onnxruntime."""
+    from graphkit.console import emit_json, err, out
+    try:
+        from graphkit.bench import BenchSettings, bench, render_bench
+        settings = BenchSettings(provider=provider, prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch,
+                                 repeats=repeats, threads=threads)
+        report = bench(model, settings, vs=vs, dtype=dtype, progress=None if json_out else lambda m: err.print(f"• {m}"))
+    except GraphkitError as exc:
+        _fail(exc)
+    emit_json(report) if json_out else render_bench(report, out)
+
+
 def main() -> None:
     try:
         app()

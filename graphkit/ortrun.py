@@ -70,8 +70,11 @@ class DecoderRunner:
         present = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
         return StepOutput(outs["logits"].astype(np.float32), present)
 
-    def greedy(self, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
-        """Greedy ids for exactly ``new_tokens`` steps (no EOS stop) and each step's last logits."""
+    def greedy(self, prompt_ids: list[int], new_tokens: int, suppress: tuple[int, ...] = ()) -> tuple[list[int], list[np.ndarray]]:
+        """Greedy ids for exactly ``new_tokens`` steps (no EOS stop) and each step's last logits.
+
+        ``suppress`` token ids are never picked: Transformers.js's ``min_new_tokens`` masks the EOS
+        ids this way, so pass them to reproduce its output."""
         ids = np.array([prompt_ids], dtype=np.int64)
         mask = np.ones_like(ids)
         out = self.step(ids, mask, self.empty_past(1))
@@ -79,6 +82,9 @@ class DecoderRunner:
         for _ in range(new_tokens):
             last = out.logits[0, -1]
             step_logits.append(last)
+            if suppress:
+                last = last.copy()
+                last[list(suppress)] = -np.inf
             nxt = int(np.argmax(last))
             generated.append(nxt)
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)

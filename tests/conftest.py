@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +44,10 @@ def example_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
-    data = json.loads((GOLDEN / "golden.json").read_text())
-    arrays = np.load(GOLDEN / "reference.npz")
-    return {"meta": data, "arrays": arrays}
+    """golden/prompts.json (prompts, ids, texts) and golden/reference.npz (logits), see golden/README.md."""
+    meta = json.loads((GOLDEN / "prompts.json").read_text(encoding="utf-8"))
+    arrays = dict(np.load(GOLDEN / "reference.npz"))
+    return {"meta": meta, "prompts": meta["prompts"], "arrays": arrays}
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +66,13 @@ def exported_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export_base") / "model.onnx"
     export_model(EXAMPLE / "base", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """The README's main job: convert the shipped example (no MODEL_DIR = the example + adapter)."""
+    out = tmp_path_factory.mktemp("conv") / "epicrisis-tiny"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--output", str(out), "--json"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return out, json.loads(res.stdout)

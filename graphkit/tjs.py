@@ -1,0 +1,97 @@
+"""Run the real client, Transformers.js, on a converted folder (Node or headless Chromium) and
+compare its greedy tokens with our Python onnxruntime loop on the same file.
+
+Uses the pinned harness in ``tests/js`` (installed by ``scripts/setup.sh``).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graphkit.errors import GraphkitError
+from graphkit.ortrun import DecoderRunner
+from graphkit.verify import DTYPE_FILES
+
+HARNESS = Path(__file__).resolve().parents[1] / "tests" / "js"
+# Where the Python top-2 logit margin is below this, a GPU kernel may legitimately pick the other
+# token (different rounding); divergence there is reported, not failed.
+NEAR_TIE = 0.05
+
+
+def run_client(folder: Path, dtype: str, messages: list, new_tokens: int, client: str = "node",
+               device: str | None = None, screenshot: Path | None = None, timeout_s: int = 600,
+               threads: int | None = None) -> dict:
+    script = HARNESS / ("generate_node.mjs" if client == "node" else "generate_browser.mjs")
+    if not (HARNESS / "node_modules" / "@huggingface" / "transformers").is_dir():
+        raise GraphkitError(f"{HARNESS}: Transformers.js is not installed; run `bash scripts/setup.sh`")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump([{"messages": m} for m in messages], fh, ensure_ascii=False)
+        prompts = fh.name
+    cmd = ["node", str(script), "--model-dir", str(Path(folder).resolve()), "--prompts", prompts, "--dtype", dtype,
+           "--max-new-tokens", str(new_tokens), "--device", device or ("cpu" if client == "node" else "wasm")]
+    if client != "node":
+        cmd += ["--timeout-s", str(timeout_s - 20)]
+        if screenshot:
+            cmd += ["--screenshot", str(screenshot)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        Path(prompts).unlink(missing_ok=True)
+    try:
+        data = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        raise GraphkitError(f"Transformers.js ({client}, {dtype}) printed no result (exit {res.returncode}): "
+                            f"{res.stderr.strip()[-500:]}") from None
+    data["returncode"] = res.returncode
+    return data
+
+
+@dataclass
+class TokenComparison:
+    prompt: int
+    equal: bool
+    first_divergence: int | None
+    margin_at_divergence: float | None
+    near_tie: bool
+
+    @property
+    def acceptable(self) -> bool:
+        return self.equal or self.near_tie
+
+
+def python_reference(path: Path, prompt_ids: list[list[int]], new_tokens: int, eos: list[int]):
+    runner = DecoderRunner.from_file(path)
+    out = []
+    for ids in prompt_ids:
+        gen, logits = runner.greedy(ids, new_tokens, suppress=tuple(eos))
+        margins = []
+        for step in logits:
+            s = step.copy()
+            s[list(eos)] = -np.inf
+            top2 = np.partition(s, -2)[-2:]
+            margins.append(float(top2[1] - top2[0]))
+        out.append((gen, margins))
+    return out
+
+
+def compare_tokens(reference, client_results: list[dict]) -> list[TokenComparison]:
+    comps = []
+    for i, ((ref_ids, margins), res) in enumerate(zip(reference, client_results)):
+        got = res["new_ids"]
+        div = next((k for k, (a, b) in enumerate(zip(ref_ids, got)) if a != b), None)
+        if div is None and len(got) != len(ref_ids):
+            div = min(len(got), len(ref_ids))
+        margin = margins[div] if div is not None and div < len(margins) else None
+        comps.append(TokenComparison(i, div is None, div, margin, margin is not None and margin < NEAR_TIE))
+    return comps
+
+
+def variant_path(folder: Path, dtype: str) -> Path:
+    return Path(folder) / "onnx" / DTYPE_FILES[dtype]

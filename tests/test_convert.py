@@ -1,0 +1,143 @@
+"""`graphkit convert` and `graphkit verify` on the shipped fine-tuned model."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import EXAMPLE
+from graphkit.ortrun import DecoderRunner, kl_divergence
+
+ALL = ["fp32", "fp16", "q4", "q4f16", "q8"]
+FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "q4": "model_q4.onnx", "q4f16": "model_q4f16.onnx",
+         "q8": "model_quantized.onnx"}
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "graphkit", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_folder_layout(converted):
+    out, summary = converted
+    assert summary["ok"] and [d["dtype"] for d in summary["dtypes"]] == ALL
+    for dt in ALL:
+        assert (out / "onnx" / FILES[dt]).is_file()
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).is_file()
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_cfg["chat_template"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["transformers.js_config"]["kv_cache_dtype"] == {"fp16": "float16", "q4f16": "float16"}
+    assert "use_external_data_format" not in cfg["transformers.js_config"]  # small model: single files
+    # nothing temporary left beside the output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["epicrisis-tiny"]
+
+
+def test_variant_io_types(converted):
+    out, _ = converted
+    for dt, kv_type in (("fp32", "tensor(float)"), ("fp16", "tensor(float16)"), ("q4", "tensor(float)"),
+                        ("q4f16", "tensor(float16)"), ("q8", "tensor(float)")):
+        r = DecoderRunner.from_file(out / "onnx" / FILES[dt])
+        assert r.inputs["past_key_values.0.key"].type == kv_type, dt
+        assert {o.name: o.type for o in r.session.get_outputs()}["logits"] == "tensor(float)", dt
+    ops = lambda dt: {n.op_type for n in onnx.load(str(out / "onnx" / FILES[dt])).graph.node}  # noqa: E731
+    assert "MatMulNBits" in ops("q4") and "MatMulNBits" in ops("q4f16")
+    assert "MatMulInteger" in ops("q8")
+
+
+def test_quantized_agreement_with_fp32_over_golden(converted, golden):
+    """Teacher-forced top-1 agreement with the fp32 reference over the golden continuations.
+
+    Measured on the shipped model (2026-11-25): see the printed figures; the bar is 0.90 (issue 3)."""
+    out, _ = converted
+    ref = DecoderRunner.from_file(out / "onnx" / "model.onnx")
+    figures = {}
+    for dt in ("fp16", "q4", "q4f16", "q8"):
+        r = DecoderRunner.from_file(out / "onnx" / FILES[dt])
+        agree, total, kls = 0, 0, []
+        for rec in golden["prompts"]:
+            cont = rec["greedy_ids_adapter"]
+            a = ref.teacher_forced_logits(rec["prompt_ids"], cont)
+            b = r.teacher_forced_logits(rec["prompt_ids"], cont)
+            assert np.isfinite(b).all(), dt
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += len(cont)
+            kls.append(kl_divergence(a, b).mean())
+        figures[dt] = (agree / total, float(np.mean(kls)))
+    print("agreement, KL vs fp32:", figures)
+    for dt, (agreement, _) in figures.items():
+        assert agreement >= 0.90, (dt, figures)
+
+
+def test_fp16_greedy_equals_golden(converted, golden):
+    out, _ = converted
+    for dt in ("fp16", "q8"):
+        r = DecoderRunner.from_file(out / "onnx" / FILES[dt])
+        for rec in golden["prompts"]:
+            assert r.greedy(rec["prompt_ids"], 32)[0] == rec["greedy_ids_adapter"], dt
+
+
+def test_verify_against_pytorch(converted):
+    out, _ = converted
+    res = _cli("verify", out, "--reference", EXAMPLE / "base", "--adapter", EXAMPLE / "adapter", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    result = json.loads(res.stdout)
+    assert result["passed"] and result["reference"].startswith("PyTorch")
+    by = {v["dtype"]: v for v in result["variants"]}
+    assert set(by) == set(ALL)
+    assert by["fp32"]["top1_agreement"] == 1.0 and by["fp32"]["kl_mean"] < 1e-6
+    for v in by.values():
+        assert v["nonfinite"] == 0 and v["error"] is None
+
+
+def _break_q4_scales(path):
+    m = onnx.load(str(path))
+    names = {n.input[2] for n in m.graph.node if n.op_type == "MatMulNBits"}
+    rng = np.random.default_rng(0)
+    for t in m.graph.initializer:
+        if t.name in names:
+            a = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array((a * rng.uniform(-2, 2, a.shape)).astype(a.dtype), t.name))
+    onnx.save(m, str(path))
+
+
+def test_verify_flags_broken_variant(converted, tmp_path):
+    out, _ = converted
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    _break_q4_scales(broken / "onnx" / "model_q4.onnx")
+    res = _cli("verify", broken, "--json", "--dtypes", "fp32,q4,q8")
+    assert res.returncode == 1, res.stdout + res.stderr
+    by = {v["dtype"]: v for v in json.loads(res.stdout)["variants"]}
+    assert not by["q4"]["passed"] and by["q4"]["top1_agreement"] < by["q4"]["threshold"]
+    assert by["q8"]["passed"] and by["fp32"]["passed"]
+
+
+def test_convert_refuses_nonempty_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    res = _cli("convert", "--output", tmp_path / "out", "--dtypes", "fp32")
+    assert res.returncode == 2 and "--overwrite" in res.stderr and "Traceback" not in res.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_failed_dtype_leaves_no_file(tmp_path, monkeypatch):
+    from graphkit import convert as conv
+    monkeypatch.setitem(conv.PIPELINES, "q4", "matmul-nbits(bits=3)")
+    summary = conv.convert(EXAMPLE / "base", tmp_path / "out", EXAMPLE / "adapter", ["fp32", "q4"],
+                           exporter="torchscript", check_agreement=False)
+    assert not summary["ok"]
+    by = {d["dtype"]: d for d in summary["dtypes"]}
+    assert by["fp32"]["ok"] and not by["q4"]["ok"] and "bits" in by["q4"]["error"]
+    assert sorted(p.name for p in (tmp_path / "out" / "onnx").iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unknown_dtype(tmp_path):
+    res = _cli("convert", "--output", tmp_path / "o", "--dtypes", "q3")
+    assert res.returncode == 2 and "q3" in res.stderr and not (tmp_path / "o").exists()

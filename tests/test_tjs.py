@@ -1,0 +1,86 @@
+"""The real client: Transformers.js (Node and headless Chromium) on the converted shipped model.
+
+Token ids from Transformers.js must equal our Python onnxruntime greedy loop on the same file
+(with EOS masked, as `min_new_tokens` does). On WebGPU, kernels round differently: tokens are
+compared strictly, except that a divergence exactly where the Python top-2 margin is a near-tie
+(< graphkit.tjs.NEAR_TIE) is reported instead of failed. f16 dtypes on an adapter without
+`shader-f16` are skipped with that reason.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from graphkit.tjs import compare_tokens, python_reference, run_client, variant_path
+
+pytestmark = pytest.mark.js
+ARTIFACTS = ROOT / "tests" / "js" / "artifacts"
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def case(converted, golden):
+    folder, _ = converted
+    prompts = golden["prompts"]
+    gen_cfg = json.loads((folder / "generation_config.json").read_text())
+    eos = gen_cfg["eos_token_id"] if isinstance(gen_cfg["eos_token_id"], list) else [gen_cfg["eos_token_id"]]
+    return folder, prompts, eos
+
+
+def _check(folder, prompts, eos, dtype, result, strict=True):
+    assert result["returncode"] == 0 and "error" not in result, result.get("error")
+    assert [r["prompt_ids"] for r in result["results"]] == [p["prompt_ids"] for p in prompts]
+    ref = python_reference(variant_path(folder, dtype), [p["prompt_ids"] for p in prompts], NEW_TOKENS, eos)
+    comps = compare_tokens(ref, result["results"])
+    report = [f"prompt {c.prompt}: " + ("equal" if c.equal else f"diverges at {c.first_divergence} (margin {c.margin_at_divergence})")
+              for c in comps]
+    print(f"{result.get('client')}/{result.get('device')}/{dtype}: " + "; ".join(report))
+    if strict:
+        assert all(c.equal for c in comps), report
+    else:
+        assert all(c.acceptable for c in comps), report
+    return comps
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "q4", "q4f16", "q8"])
+def test_node_tokens_equal_python_ort(case, dtype):
+    folder, prompts, eos = case
+    result = run_client(folder, dtype, [p["messages"] for p in prompts], NEW_TOKENS, "node")
+    _check(folder, prompts, eos, dtype, result)
+    # the fine-tuned behaviour survives: an epicrisis, not the base model's free text
+    assert all("Motivo de ingreso" in r["text"] for r in result["results"]), [r["text"] for r in result["results"]]
+
+
+def test_node_catches_a_broken_variant(case, tmp_path):
+    """A q4 file with wrong scales still runs in Transformers.js but its tokens differ from the good
+    file's Python run, and the comparison says so."""
+    from test_convert import _break_q4_scales
+    folder, prompts, eos = case
+    broken = tmp_path / "broken-model"
+    shutil.copytree(folder, broken)
+    _break_q4_scales(broken / "onnx" / "model_q4.onnx")
+    result = run_client(broken, "q4", [p["messages"] for p in prompts[:2]], NEW_TOKENS, "node")
+    ref = python_reference(variant_path(folder, "q4"), [p["prompt_ids"] for p in prompts[:2]], NEW_TOKENS, eos)
+    comps = compare_tokens(ref, result["results"])
+    assert not all(c.acceptable for c in comps)
+
+
+@pytest.mark.parametrize("device,dtype", [("wasm", "q4"), ("wasm", "q4f16"), ("wasm", "q8"),
+                                          ("webgpu", "fp32"), ("webgpu", "q4"), ("webgpu", "q8"),
+                                          ("webgpu", "fp16"), ("webgpu", "q4f16")])
+def test_chromium_tokens_equal_python_ort(case, device, dtype):
+    folder, prompts, eos = case
+    prompts = prompts[:2]  # the browser is slow on 2 cores; two prompts × 32 tokens per variant
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"chromium-{device}-{dtype}.png"
+    result = run_client(folder, dtype, [p["messages"] for p in prompts], NEW_TOKENS, "chromium", device=device,
+                        screenshot=shot)
+    if device == "webgpu" and dtype in ("fp16", "q4f16") and result.get("shader_f16") is False:
+        pytest.skip(f"webgpu {dtype}: adapter {result.get('adapter')} has no shader-f16 "
+                    f"(error: {str(result.get('error'))[:160]}); runs unchanged on a GPU with f16")
+    _check(folder, prompts, eos, dtype, result, strict=(device == "wasm"))
+    assert shot.exists() and shot.stat().st_size > 1000
