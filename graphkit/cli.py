@@ -74,6 +74,12 @@ def apply(
         err.print(f"[green]wrote[/] {', '.join(map(str, files))}")
 
 
+def _summary(cls) -> str:
+    import inspect
+    doc = inspect.getdoc(cls) or inspect.getdoc(inspect.getmodule(cls)) or cls.name
+    return doc.strip().splitlines()[0]
+
+
 @app.command("passes")
 def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List every pass with its options, defaults and tolerance."""
@@ -81,12 +87,12 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
     from graphkit.pipeline import registry
     reg = registry()
     if json_out:
-        emit_json({name: {"doc": (cls.__doc__ or "").strip().splitlines()[0], "tolerance": cls.tolerance,
+        emit_json({name: {"doc": _summary(cls), "tolerance": cls.tolerance,
                           "options": [dict(name=n, type=t, default=d, help=h) for n, t, d, h in cls.option_specs()]}
                    for name, cls in reg.items()})
         return
     for name, cls in reg.items():
-        out.print(f"[bold]{name}[/]  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        out.print(f"[bold]{name}[/]  {_summary(cls)}")
         out.print(f"    tolerance: {cls.tolerance}")
         for n, t, d, h in cls.option_specs():
             out.print(f"    {n} ({t}, default {d!r}): {h}")
