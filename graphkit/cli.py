@@ -75,8 +75,7 @@ def apply(
 
 
 def _summary(cls) -> str:
-    import inspect
-    doc = inspect.getdoc(cls) or inspect.getdoc(inspect.getmodule(cls)) or cls.name
+    doc = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or cls.name
     return doc.strip().splitlines()[0]
 
 
