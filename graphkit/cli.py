@@ -145,21 +145,30 @@ def verify(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON list of prompts (strings, or chat message lists)."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens to generate per prompt."),
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Only these dtypes (comma-separated)."),
+    browser: bool = typer.Option(False, "--browser", help="Also run Transformers.js in headless Chromium (wasm and webgpu) and compare its tokens with onnxruntime's."),
+    devices: str = typer.Option("wasm,webgpu", "--devices", help="Browser devices for --browser."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check each ONNX variant against PyTorch (or fp32 ONNX): top-1 agreement, KL, divergence, NaN/inf."""
     from graphkit.console import emit_json, err
     try:
         from graphkit.verify import render, verify_folder
-        result = verify_folder(folder, reference, adapter, prompts, new_tokens,
-                               [d.strip() for d in dtypes.split(",")] if dtypes else None,
+        dtype_list = [d.strip() for d in dtypes.split(",")] if dtypes else None
+        result = verify_folder(folder, reference, adapter, prompts, new_tokens, dtype_list,
                                progress=lambda m: err.print(f"• {m}"))
+        if browser:
+            from graphkit.verify import browser_check, render_browser
+            result["browser"] = browser_check(folder, prompts, new_tokens, dtype_list,
+                                              [d.strip() for d in devices.split(",")], progress=lambda m: err.print(f"• {m}"))
+            result["passed"] = result["passed"] and all(r["status"] != "fail" for r in result["browser"])
     except GraphkitError as exc:
         _fail(exc)
     if json_out:
         emit_json(result)
     else:
         render(result)
+        if browser:
+            render_browser(result["browser"])
     if not result["passed"]:
         raise typer.Exit(1)
 # ---------------------------------------------------------------- inspect / diff / bench

@@ -95,3 +95,40 @@ def compare_tokens(reference, client_results: list[dict]) -> list[TokenCompariso
 
 def variant_path(folder: Path, dtype: str) -> Path:
     return Path(folder) / "onnx" / DTYPE_FILES[dtype]
+
+
+def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages: list, prompt_ids: list[list[int]],
+                   new_tokens: int, eos: list[int], screenshots: Path | None = None, progress=None) -> list[dict]:
+    """Run each dtype on each browser device; one row per (device, dtype): pass / fail / skipped."""
+    step = progress or (lambda msg: None)
+    rows = []
+    for device in devices:
+        for dtype in dtypes:
+            if not variant_path(folder, dtype).exists():
+                continue
+            step(f"chromium {device} {dtype}")
+            shot = screenshots / f"chromium-{device}-{dtype}.png" if screenshots else None
+            row = {"device": device, "dtype": dtype, "status": "fail", "detail": ""}
+            try:
+                res = run_client(folder, dtype, messages, new_tokens, "chromium", device=device, screenshot=shot)
+            except GraphkitError as exc:
+                row["detail"] = str(exc)
+                rows.append(row)
+                continue
+            if res.get("error"):
+                if device == "webgpu" and res.get("shader_f16") is False and "f16" in str(res["error"]):
+                    row.update(status="skipped", detail="adapter has no shader-f16: " + str(res["error"])[:160])
+                else:
+                    row["detail"] = str(res["error"])[:300]
+                rows.append(row)
+                continue
+            ref = python_reference(variant_path(folder, dtype), prompt_ids, new_tokens, eos)
+            comps = compare_tokens(ref, res["results"])
+            strict = device != "webgpu"
+            ok = all(c.equal for c in comps) if strict else all(c.acceptable for c in comps)
+            row.update(status="pass" if ok else "fail",
+                       detail="; ".join("equal" if c.equal else f"diverges at {c.first_divergence} (margin {c.margin_at_divergence:.4f})"
+                                        if c.margin_at_divergence is not None else f"diverges at {c.first_divergence}" for c in comps),
+                       decode_ms_per_token=[r.get("decode_ms_per_token") for r in res["results"]])
+            rows.append(row)
+    return rows

@@ -172,3 +172,35 @@ def render(result: dict) -> None:
                       str(min(divs)) if divs else "none", str(v["nonfinite"]),
                       "[green]pass[/]" if v["passed"] else "[red]FAIL[/]")
     out.print(table)
+
+
+def browser_check(folder: Path, prompts_file: Path | None, new_tokens: int, dtypes: list[str] | None,
+                  devices: list[str], progress=None) -> list[dict]:
+    """Transformers.js in headless Chromium vs our onnxruntime loop, per device and dtype."""
+    import json
+
+    from graphkit.prompts import encode_prompts, load_prompts
+    from graphkit.tjs import browser_matrix
+    folder = Path(folder)
+    messages = [p for p in load_prompts(prompts_file) if not isinstance(p, str)][:2]
+    if not messages:
+        raise GraphkitError("--browser needs chat-message prompts (the browser formats them with the chat template)")
+    ids = encode_prompts(folder, messages)
+    gen_path = folder / "generation_config.json"
+    eos = json.loads(gen_path.read_text()).get("eos_token_id", []) if gen_path.exists() else []
+    eos = eos if isinstance(eos, list) else [eos]
+    wanted = [d for d, _ in variants_in(folder) if not dtypes or d in dtypes]
+    return browser_matrix(folder, wanted, devices, messages, ids, new_tokens, eos, progress=progress)
+
+
+def render_browser(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    from graphkit.console import out
+    table = Table(title="Transformers.js in headless Chromium vs onnxruntime (Python)")
+    for col in ("device", "dtype", "result", "detail"):
+        table.add_column(col)
+    colors = {"pass": "green", "fail": "red", "skipped": "yellow"}
+    for r in rows:
+        table.add_row(r["device"], r["dtype"], f"[{colors[r['status']]}]{r['status']}[/]", r["detail"])
+    out.print(table)
