@@ -5,7 +5,8 @@ from passes.fp16 import Fp16Pass
 from passes.kv_rename import KvRenamePass
 from passes.matmul_int8 import MatMulInt8Pass
 from passes.matmul_nbits import MatMulNBitsPass
+from passes.tied_embedding import TiedEmbeddingPass
 
-PASSES = {cls.name: cls for cls in (KvRenamePass, MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
+PASSES = {cls.name: cls for cls in (KvRenamePass, TiedEmbeddingPass, MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
 
 __all__ = ["PASSES", "Fp16Pass", "KvRenamePass", "MatMulInt8Pass", "MatMulNBitsPass"]

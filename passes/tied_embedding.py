@@ -1,0 +1,193 @@
+"""``tied-embedding``: store a tied embedding table once, block-quantized, for both of its uses.
+
+When ``tie_word_embeddings`` is true the exporters leave the embedding table ``E [vocab, hidden]``
+in float for the input ``Gather`` and read it again (shared through a Transpose, or as a duplicate
+``E.T`` initializer) as the ``lm_head`` MatMul's weight. This pass quantizes ``E`` once with the
+MatMulNBits block layout — ``packed [vocab, k_blocks, blob]`` and ``scales [vocab, k_blocks]`` are
+already one row per token — and uses that single copy twice:
+
+* ``lm_head`` becomes ``com.microsoft.MatMulNBits(x, packed, scales)`` (N = vocab, K = hidden);
+* the lookup becomes standard ops only: ``Gather`` of the packed rows and of their scales, nibble
+  unpacking in float arithmetic (``hi = Floor(b / 16)``, ``lo = b - 16 * hi``; exact for 0..255),
+  minus the implicit zero point, times the scale, ``Reshape`` and (if K was padded) ``Slice``.
+  No ``GatherBlockQuantized`` (onnxruntime-web's wasm build has no kernel for it) and no bitwise
+  ops (absent before opset 18), so the graph runs wherever onnxruntime-web runs.
+
+Guarantee and tolerance: both uses see exactly ``dequantize_blockwise(packed, scales)`` — the
+embedding rows and the head's weight are the same dequantized matrix, within the quantization step
+of ``E`` (``|scale| / 2`` per element, one step on the symmetric short side; see ``passes/_quant``).
+Run it before ``matmul-nbits`` (which otherwise keeps a shared head in float) and before ``fp16``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphkit.errors import GraphkitError, PassNotApplicable
+from graphkit.passbase import GraphPass, PassResult, option
+from passes._quant import k_blocks, quantize_blockwise
+
+
+@dataclass
+class TiedEmbeddingOptions:
+    bits: int = option(4, "bits for the shared table: 4 (smallest) or 8 (int4 heads can cause repetition)")
+    block_size: int = option(32, "elements per quantization block along hidden: a power of two, 16..256")
+    accuracy_level: int | None = option(None, "MatMulNBits accuracy_level for the lm_head (None: attribute omitted)")
+
+
+@dataclass
+class _Tie:
+    gather: onnx.NodeProto
+    head: onnx.NodeProto
+    table: str                   # initializer name of E [vocab, hidden]
+    head_weight: str             # the name the head MatMul reads (Transpose output or duplicate initializer)
+    transpose: onnx.NodeProto | None
+
+
+def _inits(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def _find_ties(model: onnx.ModelProto) -> list[_Tie]:
+    g = model.graph
+    inits = _inits(g)
+    producers = {o: n for n in g.node for o in n.output}
+    tables = {}
+    for n in g.node:
+        if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2 \
+                and inits[n.input[0]].data_type == TensorProto.FLOAT and n.input[1] not in inits:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            if axis == 0:
+                tables[n.input[0]] = n
+    ties = []
+    for n in g.node:
+        if n.op_type != "MatMul":
+            continue
+        w = n.input[1]
+        for name, gather in tables.items():
+            E = inits[name]
+            prod = producers.get(w)
+            if prod is not None and prod.op_type == "Transpose" and prod.input[0] == name:
+                perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), [1, 0])
+                if perm == [1, 0]:
+                    ties.append(_Tie(gather, n, name, w, prod))
+            elif w in inits and list(inits[w].dims) == list(E.dims)[::-1] and inits[w].data_type == E.data_type:
+                if np.array_equal(numpy_helper.to_array(inits[w]), numpy_helper.to_array(E).T):
+                    ties.append(_Tie(gather, n, name, w, None))
+    return ties
+
+
+class TiedEmbeddingPass(GraphPass):
+    """Quantize a tied embedding table once and use it for the lookup and the lm_head."""
+
+    name = "tied-embedding"
+    Options = TiedEmbeddingOptions
+    tolerance = ("embedding rows and lm_head weight = dequantized E, |Δ| <= |scale|/2 per element "
+                 "(one step on the symmetric short side); outputs equal x @ dequant(E).T and dequant(E)[ids]")
+
+    def validate_options(self) -> None:
+        o = self.options
+        if o.bits not in (4, 8):
+            raise GraphkitError(f"tied-embedding: bits must be 4 or 8, got {o.bits}")
+        if o.block_size < 16 or o.block_size > 256 or o.block_size & (o.block_size - 1):
+            raise GraphkitError(f"tied-embedding: block_size must be a power of two in 16..256, got {o.block_size}")
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        ties = _find_ties(model)
+        if not ties:
+            raise PassNotApplicable("no embedding Gather whose table the lm_head MatMul also reads (not tied, or already quantized)")
+        if len({t.table for t in ties}) > 1 or len(ties) > 1:
+            raise GraphkitError("tied-embedding: several tied tables/heads found ("
+                                + ", ".join(f"{t.table}->{t.head.name}" for t in ties) + "); expected one")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        o = self.options
+        tie = _find_ties(model)[0]
+        g = model.graph
+        inits = _inits(g)
+        E = numpy_helper.to_array(inits[tie.table])
+        vocab, hidden = E.shape
+        packed, scales, _ = quantize_blockwise(E.T, o.bits, o.block_size, symmetric=True, name=tie.table)
+        kb = k_blocks(hidden, o.block_size)
+        base = tie.table.replace("/", "_").strip("_") or "embed"
+        names = {k: f"{base}_{k}" for k in ("q", "scales")}
+        new_inits = [numpy_helper.from_array(packed, names["q"]), numpy_helper.from_array(scales, names["scales"])]
+
+        # lm_head → MatMulNBits reading the shared packed table
+        head_attrs = dict(K=hidden, N=vocab, bits=o.bits, block_size=o.block_size)
+        if o.accuracy_level:
+            head_attrs["accuracy_level"] = o.accuracy_level
+        head = helper.make_node("MatMulNBits", [tie.head.input[0], names["q"], names["scales"]], list(tie.head.output),
+                                name=(tie.head.name or "lm_head") + "_tied_q", domain="com.microsoft", **head_attrs)
+
+        # lookup → Gather packed rows + scales, unpack, dequantize
+        ids, out = tie.gather.input[1], tie.gather.output[0]
+        p = f"{base}_lookup"
+        nodes, consts = [], []
+
+        def const(name: str, value: np.ndarray) -> str:
+            consts.append(numpy_helper.from_array(value, f"{p}_const_{name}"))
+            return f"{p}_const_{name}"
+
+        def node(op: str, inputs: list[str], suffix: str, **attrs) -> str:
+            o_name = f"{p}_{suffix}"
+            nodes.append(helper.make_node(op, inputs, [o_name], name=o_name, **attrs))
+            return o_name
+
+        rows = node("Gather", [names["q"], ids], "rows", axis=0)                   # [..., kb, blob] uint8
+        row_scales = node("Gather", [names["scales"], ids], "row_scales", axis=0)  # [..., kb]
+        as_float = node("Cast", [rows], "rows_f", to=TensorProto.FLOAT)
+        if o.bits == 4:
+            hi = node("Floor", [node("Div", [as_float, const("sixteen", np.array(16.0, np.float32))], "div16")], "hi")
+            lo = node("Sub", [as_float, node("Mul", [hi, const("sixteen_b", np.array(16.0, np.float32))], "hi16")], "lo")
+            # element 2i is the low nibble: interleave as [..., blob, 2] → [..., block_size]
+            pair = node("Concat", [node("Unsqueeze", [lo, const("last", np.array([-1], np.int64))], "lo_u"),
+                                   node("Unsqueeze", [hi, const("last_b", np.array([-1], np.int64))], "hi_u")], "pair", axis=-1)
+            levels = pair
+        else:
+            levels = as_float
+        centered = node("Sub", [levels, const("zero_point", np.array(float(1 << (o.bits - 1)), np.float32))], "centered")
+        # [..., kb, blob(,2)] → [..., kb, block_size] via a shape computed at run time from the ids
+        ids_shape = node("Shape", [ids], "ids_shape")
+        block_shape = node("Concat", [ids_shape, const("block_shape", np.array([kb, o.block_size], np.int64))], "block_shape", axis=0)
+        blocks = node("Reshape", [centered, block_shape], "blocks")
+        scaled = node("Mul", [blocks, node("Unsqueeze", [row_scales, const("last_c", np.array([-1], np.int64))], "scale_u")], "scaled")
+        flat_shape = node("Concat", [ids_shape, const("flat", np.array([kb * o.block_size], np.int64))], "flat_shape", axis=0)
+        flat = node("Reshape", [scaled, flat_shape], "flat")
+        if kb * o.block_size != hidden:
+            flat = node("Slice", [flat, const("start", np.array([0], np.int64)), const("end", np.array([hidden], np.int64)),
+                                  const("axis", np.array([-1], np.int64))], "sliced")
+        nodes.append(helper.make_node("Identity", [flat], [out], name=f"{p}_out"))
+
+        # splice: replace the Gather in place (keeps topological order), swap the head, drop dead weights
+        new_nodes = []
+        for n in g.node:
+            if n is tie.gather:
+                new_nodes.extend(nodes)
+            elif n is tie.head:
+                new_nodes.append(head)
+            elif n is tie.transpose and sum(tie.head_weight in m.input for m in g.node) == 1:
+                continue
+            else:
+                new_nodes.append(n)
+        del g.node[:]
+        g.node.extend(new_nodes)
+        used = {i for n in g.node for i in n.input} | {x.name for x in g.output}
+        kept = [t for t in g.initializer if t.name in used]
+        removed = [t.name for t in g.initializer if t.name not in used]
+        del g.initializer[:]
+        g.initializer.extend(kept + new_inits + consts)
+        if not any(op.domain == "com.microsoft" for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        saved = E.nbytes * (2 if tie.transpose is None else 1) - packed.nbytes - scales.nbytes
+        return PassResult(model, True,
+                          f"table {tie.table} [{vocab}x{hidden}] stored once in {o.bits} bits; lm_head {tie.head.name} → MatMulNBits; "
+                          f"{saved / 2**20:.1f} MB saved",
+                          {"table": tie.table, "removed": removed, "bytes_saved": int(saved)})
+
+    def ensures(self, model: onnx.ModelProto) -> None:
+        if _find_ties(model):
+            raise GraphkitError("tied-embedding: a float tied table is still read by the lm_head")
