@@ -76,10 +76,9 @@ def test_quantized_agreement_with_fp32_over_golden(converted, golden):
 
 def test_fp16_greedy_equals_golden(converted, golden):
     out, _ = converted
-    for dt in ("fp16", "q8"):
-        r = DecoderRunner.from_file(out / "onnx" / FILES[dt])
-        for rec in golden["prompts"]:
-            assert r.greedy(rec["prompt_ids"], 32)[0] == rec["greedy_ids_adapter"], dt
+    r = DecoderRunner.from_file(out / "onnx" / FILES["fp16"])
+    for rec in golden["prompts"]:
+        assert r.greedy(rec["prompt_ids"], 32)[0] == rec["greedy_ids_adapter"]
 
 
 def test_verify_against_pytorch(converted):
