@@ -281,8 +281,8 @@ class MatMulInt8Pass(GraphPass):
             w = self._weight_of(n.input[1], inits, consts, producers, load)
             if w is None:
                 continue
-            n_out = (inits.get(n.input[1]) or consts.get(n.input[1]) or inits.get(w.source) or consts.get(w.source)).dims
-            n_out = n_out[1] if w.via_transpose is None else n_out[0]
+            src = inits[w.source] if w.source in inits else consts[w.source]
+            n_out = src.dims[1] if w.via_transpose is None else src.dims[0]  # N of MatMul's [K, N] B
             # the vocabulary projection: produces the `logits` output, is named so, reads the (tied)
             # embedding table, or projects onto exactly the embedding table's row count
             is_lm_head = (n.output[0] == "logits" or "lm_head" in n.name or w.source in tables or n_out in vocab_sizes)
@@ -482,7 +482,8 @@ class MatMulInt8Pass(GraphPass):
             stats["matmuls"] += 1
             if opt.fold_bias:
                 cons = consumers.get(n.output[0], [])
-                if len(cons) == 1 and cons[0].op_type == "Add" and n.output[0] not in self._graph_outputs(out):
+                if (len(cons) == 1 and cons[0].op_type == "Add" and len(cons[0].input) == 2
+                        and n.output[0] not in self._graph_outputs(out)):
                     add = cons[0]
                     other = add.input[1] if add.input[0] == n.output[0] else add.input[0]
                     t = inits.get(other)
