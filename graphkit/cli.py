@@ -61,8 +61,11 @@ def apply(
     try:
         from graphkit.modelio import load_model, save_model
         from graphkit.pipeline import parse_spec, run_passes
+        from graphkit.modelio import check_model
         pass_list = parse_spec(passes)
         m = load_model(model)
+        if not no_check:
+            check_model(m, model)
         m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True))
         files = save_model(m, output, external_data=external_data)
     except GraphkitError as exc:
@@ -102,7 +105,7 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
 
 @app.command(help="Export the model once and write a Transformers.js folder with one ONNX file per dtype.\n\n"
                   "Pipelines (dtype → passes): fp32: export as is; fp16: fp16; q4: matmul-nbits(bits=4,block_size=32); "
-                  "q4f16: matmul-nbits(bits=4,block_size=32),fp16; q8: matmul-int8 (written as model_quantized.onnx).")
+                  "q4f16: matmul-nbits(bits=4,block_size=32),fp16; q8: matmul-int8(quantize_embedding_gather=true) (written as model_quantized.onnx).")
 def convert(
     model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model folder (default: the shipped epicrisis-tiny example with its adapter)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),

@@ -38,7 +38,7 @@ PIPELINES: dict[str, str] = {
     "fp16": "fp16",
     "q4": "matmul-nbits(bits=4,block_size=32)",
     "q4f16": "matmul-nbits(bits=4,block_size=32),fp16",
-    "q8": "matmul-int8",
+    "q8": "matmul-int8(quantize_embedding_gather=true)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
 FP16_KV_DTYPES = {"fp16", "q4f16"}
