@@ -104,8 +104,11 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
 
 
 @app.command(help="Export the model once and write a Transformers.js folder with one ONNX file per dtype.\n\n"
-                  "Pipelines (dtype → passes): fp32: export as is; fp16: fp16; q4: matmul-nbits(bits=4,block_size=32); "
-                  "q4f16: matmul-nbits(bits=4,block_size=32),fp16; q8: matmul-int8(quantize_embedding_gather=true) (written as model_quantized.onnx).")
+                  "Pipelines (dtype → passes): fp32: export as is; fp16: fp16; "
+                  "q4: tied-embedding(bits=8),matmul-nbits(bits=4,block_size=32); "
+                  "q4f16: tied-embedding(bits=8),matmul-nbits(bits=4,block_size=32),fp16; "
+                  "q8: matmul-int8(quantize_embedding_gather=true) (written as model_quantized.onnx). "
+                  "With --fuse every pipeline starts with fuse-rmsnorm,fuse-rotary,fuse-gqa(padding=bias).")
 def convert(
     model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model folder (default: the shipped epicrisis-tiny example with its adapter)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
@@ -114,6 +117,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     no_agreement: bool = typer.Option(False, "--no-agreement", help="Skip the agreement-with-fp32 check in the summary."),
+    fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
@@ -129,7 +133,7 @@ def convert(
                 err.print(f"• {msg}", soft_wrap=True)
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
-                                  check_agreement=not no_agreement, progress=progress)
+                                  check_agreement=not no_agreement, fuse=fuse, progress=progress)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

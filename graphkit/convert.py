@@ -36,11 +36,14 @@ from graphkit.verify import DTYPE_FILES
 PIPELINES: dict[str, str] = {
     "fp32": "",
     "fp16": "fp16",
-    "q4": "matmul-nbits(bits=4,block_size=32)",
-    "q4f16": "matmul-nbits(bits=4,block_size=32),fp16",
+    "q4": "tied-embedding(bits=8),matmul-nbits(bits=4,block_size=32)",
+    "q4f16": "tied-embedding(bits=8),matmul-nbits(bits=4,block_size=32),fp16",
     "q8": "matmul-int8(quantize_embedding_gather=true)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
+# --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
+# attention bias so left-padded batches stay exact.
+FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias)"
 FP16_KV_DTYPES = {"fp16", "q4f16"}
 
 
@@ -63,6 +66,14 @@ def parse_dtypes(text: str) -> list[str]:
     if bad or not dtypes:
         raise GraphkitError(f"unknown dtype(s) {', '.join(bad) or '(none)'}; choose from {', '.join(PIPELINES)}")
     return dtypes
+
+
+def pipeline_spec(dtype: str, fuse: bool, model_dir: Path) -> str:
+    if not fuse:
+        return PIPELINES[dtype]
+    from graphkit.hfmodel import read_json
+    positions = int(read_json(Path(model_dir) / "config.json", "").get("max_position_embeddings", 32768))
+    return ",".join(p for p in (FUSE_PREFIX.format(max_positions=positions), PIPELINES[dtype]) if p)
 
 
 def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], external: dict[str, int]) -> None:
@@ -121,7 +132,8 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 
 def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
-            max_chunk_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+            max_chunk_bytes: int | None = None, fuse: bool = False,
+            progress: Callable[[str], None] | None = None) -> dict:
     from graphkit.export import export_model
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, load_model, save_model
     from graphkit.pipeline import parse_spec, run_passes
@@ -145,11 +157,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         export_s = time.perf_counter() - t0
         for dtype in dtypes:
             fname = DTYPE_FILES[dtype]
-            step(f"{dtype}: {PIPELINES[dtype] or 'export as is'} → onnx/{fname}")
+            step(f"{dtype}: {pipeline_spec(dtype, fuse, model_dir) or 'export as is'} → onnx/{fname}")
             t0 = time.perf_counter()
             try:
                 model = load_model(scratch)
-                spec = PIPELINES[dtype]
+                spec = pipeline_spec(dtype, fuse, model_dir)
                 reports = []
                 if spec:
                     model, reports = run_passes(model, parse_spec(spec), on_report=lambda r: step("   " + r.line()))
@@ -177,7 +189,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
-            "exporter": exporter, "total_s": round(time.perf_counter() - t_start, 2),
+            "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
 
 

@@ -89,15 +89,55 @@ def check_external_locations(model: onnx.ModelProto, base_dir: Path, model_path:
     return sorted(files)
 
 
+# Sub-byte element types stored packed: elements per byte. Other sub-byte types (float6) have no
+# fixed byte size we check.
+_PACKED = {getattr(TensorProto, n): per for n, per in (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2),
+                                                       ("INT2", 4), ("UINT2", 4)) if hasattr(TensorProto, n)}
+_UNSIZED = {TensorProto.UNDEFINED, TensorProto.STRING} | {
+    getattr(TensorProto, n) for n in ("FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
+
+
 def _expected_nbytes(tensor: TensorProto) -> int | None:
+    if tensor.data_type in _UNSIZED:
+        return None
     try:
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     except Exception:
         return None
-    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        return (count + 1) // 2
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if tensor.data_type in _PACKED:
+        per = _PACKED[tensor.data_type]
+        return (count + per - 1) // per
     return count * np.dtype(np_dtype).itemsize
+
+
+def _non_utf8_string(msg, where: str = "model") -> str | None:
+    """The first text (protobuf ``string``) field that is not valid UTF-8, or None.
+
+    ONNX is proto2, so protobuf does not validate UTF-8 when parsing: a flipped byte in a node or tensor
+    name comes back as ``bytes`` instead of ``str`` and breaks every later use of the name. Only
+    ``string`` fields are read (``bytes`` fields such as ``raw_data`` are never touched, so nothing big
+    is copied).
+    """
+    from google.protobuf.descriptor import FieldDescriptor
+    for field in msg.DESCRIPTOR.fields:
+        repeated = field.is_repeated
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = getattr(msg, field.name) if repeated else [getattr(msg, field.name)]
+            if any(not isinstance(v, str) for v in values):
+                return f"{where}.{field.name}"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if repeated:
+                items = getattr(msg, field.name)
+                for i, item in enumerate(items):
+                    bad = _non_utf8_string(item, f"{where}.{field.name}[{i}]")
+                    if bad:
+                        return bad
+            elif msg.HasField(field.name):
+                bad = _non_utf8_string(getattr(msg, field.name), f"{where}.{field.name}")
+                if bad:
+                    return bad
+    return None
 
 
 def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto:
@@ -114,13 +154,51 @@ def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.Mode
                             "the file may be truncated or not ONNX") from None
     if not model.graph.node and not model.graph.output:
         raise GraphkitError(f"{path}: not a readable ONNX model (empty graph); the file may be truncated or not ONNX")
+    bad = _non_utf8_string(model)
+    if bad:
+        raise GraphkitError(f"{path}: not a readable ONNX model ({bad} is not valid UTF-8 text); the file is corrupt")
     check_external_locations(model, path.parent, path)
     if load_external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise GraphkitError(f"{path}: failed to read external data ({exc})") from None
+    for tensor in iter_tensors(model):
+        problem = _tensor_size_problem(tensor)
+        if problem:
+            raise GraphkitError(f"{path}: tensor '{tensor.name}' {problem}; the file is corrupt")
     return model
+
+
+# Typed-data field of each element type whose values are stored one per element.
+_TYPED_FIELD = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data", TensorProto.INT64: "int64_data",
+                TensorProto.UINT32: "uint64_data", TensorProto.UINT64: "uint64_data", TensorProto.STRING: "string_data",
+                **{t: "int32_data" for t in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT16,
+                                             TensorProto.UINT8, TensorProto.BOOL, TensorProto.FLOAT16,
+                                             TensorProto.BFLOAT16)}}
+
+
+def _tensor_size_problem(tensor: TensorProto) -> str | None:
+    """Why the tensor's inline data does not fit its shape and type (None when it does, or when the
+    data is external and not loaded: check_external_locations checks those lengths)."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return None
+    if any(d < 0 for d in tensor.dims):
+        return f"has a negative dimension {list(tensor.dims)}"
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    shape = list(tensor.dims)
+    if tensor.HasField("raw_data"):
+        expected = _expected_nbytes(tensor)
+        if expected is not None and len(tensor.raw_data) != expected:
+            return f"has {len(tensor.raw_data)} bytes of data but its shape {shape} needs {expected}"
+        return None
+    field = _TYPED_FIELD.get(tensor.data_type)
+    if field is None:
+        return None  # rare packed types: leave them to onnx / onnxruntime
+    have = len(getattr(tensor, field))
+    if have != count:
+        return f"has {have} values but its shape {shape} needs {count}"
+    return None
 
 
 def model_nbytes(model: onnx.ModelProto) -> int:
@@ -182,10 +260,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             path.unlink(missing_ok=True)
             for old in stale:
                 old.unlink()
-            for f in written[1:]:
-                os.replace(f, parent / f.name)
-            os.replace(written[0], path)
-            return [path] + [parent / f.name for f in written[1:]]
+            moved: list[Path] = []
+            try:
+                for f in written[1:]:
+                    os.replace(f, parent / f.name)
+                    moved.append(parent / f.name)
+                os.replace(written[0], path)
+            except BaseException:  # incl. Ctrl-C: no data files without their .onnx
+                for f in moved:
+                    f.unlink(missing_ok=True)
+                raise
+            return [path] + moved
     except OSError as exc:
         raise GraphkitError(f"writing {path} failed: {exc.strerror or exc}; nothing was left at the output path") from None
 
@@ -259,8 +344,27 @@ def _set_external(tensor: TensorProto, location: str, offset: int, length: int) 
         entry.key, entry.value = k, v
 
 
+# onnxruntime contrib ops that it registers in the default ONNX domain; onnx.checker does not know
+# them, so they are checked as if they lived in a custom domain (which the checker skips).
+ORT_DEFAULT_DOMAIN_CONTRIB_OPS = {"SimplifiedLayerNormalization"}
+
+
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
     """onnx.checker, naming the problem; works above 2 GB when a saved path is given."""
+    contrib = [n for n in model.graph.node if n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and n.domain in ("", "ai.onnx")]
+    if contrib:
+        for n in contrib:
+            n.domain = "com.microsoft"
+        try:
+            _check(model, path)
+        finally:
+            for n in contrib:
+                n.domain = ""
+        return
+    _check(model, path)
+
+
+def _check(model: onnx.ModelProto, path: Path | None) -> None:
     try:
         if path is not None and model_nbytes(model) > PROTOBUF_LIMIT:
             onnx.checker.check_model(str(path))

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from passes.fp16 import Fp16Pass
+from passes.fuse_gqa import FuseGqaPass
+from passes.fuse_rmsnorm import FuseRmsNormPass
+from passes.fuse_rotary import FuseRotaryPass
 from passes.kv_rename import KvRenamePass
 from passes.matmul_int8 import MatMulInt8Pass
 from passes.matmul_nbits import MatMulNBitsPass
 from passes.tied_embedding import TiedEmbeddingPass
 
-PASSES = {cls.name: cls for cls in (KvRenamePass, TiedEmbeddingPass, MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
+PASSES = {cls.name: cls for cls in (KvRenamePass, FuseRmsNormPass, FuseRotaryPass, FuseGqaPass, TiedEmbeddingPass,
+                                    MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
 
-__all__ = ["PASSES", "Fp16Pass", "KvRenamePass", "MatMulInt8Pass", "MatMulNBitsPass"]
+__all__ = ["PASSES", "Fp16Pass", "FuseGqaPass", "FuseRmsNormPass", "FuseRotaryPass", "KvRenamePass",
+           "MatMulInt8Pass", "MatMulNBitsPass", "TiedEmbeddingPass"]

@@ -84,3 +84,27 @@ def test_chromium_tokens_equal_python_ort(case, device, dtype):
                     f"(error: {str(result.get('error'))[:160]}); runs unchanged on a GPU with f16")
     _check(folder, prompts, eos, dtype, result, strict=(device == "wasm"))
     assert shot.exists() and shot.stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    """`graphkit convert --fuse`: contrib-op fusions (SimplifiedLayerNorm, RotaryEmbedding, GroupQueryAttention)."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("fused") / "epicrisis-fused"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--dtypes", "fp32,q4,q4f16",
+                          "--output", str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("client,device,dtype", [("node", "cpu", "fp32"), ("node", "cpu", "q4"), ("node", "cpu", "q4f16"),
+                                                 ("chromium", "wasm", "q4")])
+def test_fused_variants_in_transformersjs(case, fused, client, device, dtype):
+    import onnx
+    _, prompts, eos = case
+    ops = {n.op_type for n in onnx.load(str(variant_path(fused, dtype)), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
+    prompts = prompts[:2] if client == "chromium" else prompts
+    result = run_client(fused, dtype, [p["messages"] for p in prompts], NEW_TOKENS, client, device=device)
+    _check(fused, prompts, eos, dtype, result)
