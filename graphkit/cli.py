@@ -16,7 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _fail(exc: GraphkitError) -> None:
     from graphkit.console import err
-    err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+    from rich.markup import escape
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -38,13 +39,13 @@ def export(
     try:
         from graphkit.export import export_model
         summary = export_model(model_dir, output, adapter, exporter=exporter, allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, progress=lambda m: err.print(f"• {m}"))
+                               trust_remote_code=trust_remote_code, progress=lambda m: err.print(f"• {m}", markup=False))
     except GraphkitError as exc:
         _fail(exc)
     if json_out:
         emit_json(summary)
     else:
-        err.print(f"[green]wrote[/] {', '.join(summary['files'])} in {summary['total_s']} s")
+        err.print(f"wrote {', '.join(summary['files'])} in {summary['total_s']} s", markup=False)
 
 
 @app.command()
@@ -66,7 +67,7 @@ def apply(
         m = load_model(model)
         if not no_check:
             check_model(m, model)
-        m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True))
+        m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True, markup=False))
         files = save_model(m, output, external_data=external_data)
     except GraphkitError as exc:
         _fail(exc)
@@ -74,7 +75,7 @@ def apply(
         emit_json({"input": str(model), "output": str(output), "files": [str(f) for f in files],
                    "passes": [r.as_dict() for r in reports]})
     else:
-        err.print(f"[green]wrote[/] {', '.join(map(str, files))}")
+        err.print(f"wrote {', '.join(map(str, files))}", markup=False)
 
 
 def _summary(cls) -> str:
@@ -130,7 +131,7 @@ def convert(
         dtype_list = parse_dtypes(dtypes)
         with err.status("converting") as status:
             def progress(msg: str) -> None:
-                err.print(f"• {msg}", soft_wrap=True)
+                err.print(f"• {msg}", soft_wrap=True, markup=False)
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, progress=progress)
@@ -162,11 +163,11 @@ def verify(
         from graphkit.verify import render, verify_folder
         dtype_list = [d.strip() for d in dtypes.split(",")] if dtypes else None
         result = verify_folder(folder, reference, adapter, prompts, new_tokens, dtype_list,
-                               progress=lambda m: err.print(f"• {m}"))
+                               progress=lambda m: err.print(f"• {m}", markup=False))
         if browser:
             from graphkit.verify import browser_check, render_browser
             result["browser"] = browser_check(folder, prompts, new_tokens, dtype_list,
-                                              [d.strip() for d in devices.split(",")], progress=lambda m: err.print(f"• {m}"))
+                                              [d.strip() for d in devices.split(",")], progress=lambda m: err.print(f"• {m}", markup=False))
             result["passed"] = result["passed"] and all(r["status"] != "fail" for r in result["browser"])
     except GraphkitError as exc:
         _fail(exc)
@@ -234,7 +235,7 @@ def bench_cmd(
         from graphkit.bench import BenchSettings, bench, render_bench
         settings = BenchSettings(provider=provider, prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch,
                                  repeats=repeats, threads=threads)
-        report = bench(model, settings, vs=vs, dtype=dtype, progress=None if json_out else lambda m: err.print(f"• {m}"))
+        report = bench(model, settings, vs=vs, dtype=dtype, progress=None if json_out else lambda m: err.print(f"• {m}", markup=False))
     except GraphkitError as exc:
         _fail(exc)
     emit_json(report) if json_out else render_bench(report, out)

@@ -23,12 +23,22 @@ def _offline_env() -> None:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else (missing, unreadable, not JSON, not an object) is a
+    GraphkitError naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GraphkitError(f"{path}: missing; {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GraphkitError(f"{path}: not valid JSON ({exc}); fix or re-download the file") from None
+    except IsADirectoryError:
+        raise GraphkitError(f"{path}: is a folder, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise GraphkitError(f"{path}: not valid JSON ({str(exc)[:150]}); fix or re-download the file") from None
+    except OSError as exc:
+        raise GraphkitError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise GraphkitError(f"{path}: expected a JSON object ({{...}}), found {type(data).__name__}; "
+                            "fix or re-download the file")
+    return data
 
 
 def check_safetensors(path: Path) -> None:

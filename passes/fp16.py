@@ -228,6 +228,21 @@ def fp16_markers(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+# Values at least this large are sentinels (mask fills such as finfo(float32).min), not data.
+_SENTINEL = 1e30
+
+
+def _refuse_out_of_range_weight(name: str, v: np.ndarray) -> None:
+    """Clamping is only safe for scalar fills and sentinel values; a weight with real values beyond
+    the float16 range would silently change the model's outputs, so it is refused."""
+    finite = v[np.isfinite(v)]
+    data = finite[(np.abs(finite) > 65504) & (np.abs(finite) < _SENTINEL)]
+    if v.size > 1 and data.size:
+        raise GraphkitError(f"fp16: tensor '{name}' has {data.size} value(s) beyond the float16 range "
+                            f"(e.g. {float(data[0]):.4g}); clamping would change the model's outputs. "
+                            "Keep this model in fp32 or use an 8-bit dtype (q8) instead")
+
+
 def _clamp(arr: np.ndarray) -> tuple[np.ndarray, int]:
     """Clamp finite values outside the float16 range; returns (array, how many were clamped)."""
     if arr.size == 0:
@@ -591,6 +606,7 @@ class _Converter:
             reqs = const_req[name]
             clamped, nclamp = _clamp(v)
             if nclamp:
+                _refuse_out_of_range_weight(name, v)
                 self.details["clamped"].append(f"{name} ({nclamp} value(s), range [{v.min():.4g}, {v.max():.4g}])")
             v16 = None
             if FLOAT16 in reqs:
