@@ -172,7 +172,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     external[fname] = len(files) - 1
                 results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                            round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
-                                           [r.name for r in reports]))
+                                           [r.name.split("(")[0] for r in reports]))
             except GraphkitError as exc:
                 for f in onnx_dir.glob(fname + "*"):
                     f.unlink()

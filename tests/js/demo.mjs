@@ -25,8 +25,9 @@ const model = await AutoModelForCausalLM.from_pretrained(id, { dtype, device: 'c
 const loadMs = performance.now() - t0;
 const messages = [{
   role: 'user',
-  content: 'Redacta la epicrisis del paciente: mujer de 72 años, ingresa por neumonía adquirida en la comunidad, '
-    + 'tratada con ceftriaxona y oxígeno, evolución favorable, alta con amoxicilina.',
+  content: 'Redacta la epicrisis del paciente: Mujer de 72 años. Motivo: Fiebre y tos productiva. '
+    + 'Diagnóstico: Neumonía adquirida en la comunidad. Tratamiento: Ceftriaxona y azitromicina. '
+    + 'Evolución: Favorable, afebril al segundo día. Estadía: 6 días.',
 }];
 const inputs = tokenizer.apply_chat_template(messages, { add_generation_prompt: true, return_dict: true });
 console.log(`Transformers.js ${env.version} · onnx/${dtype === 'fp32' ? 'model' : 'model_' + dtype}.onnx · loaded in ${loadMs.toFixed(0)} ms\n`);
