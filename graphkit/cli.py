@@ -67,7 +67,10 @@ def apply(
         m = load_model(model)
         if not no_check:
             check_model(m, model)
-        m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True, markup=False))
+        try:
+            m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True, markup=False))
+        except GraphkitError as exc:  # name the input file in errors raised inside a pass
+            raise GraphkitError(str(exc) if str(exc).startswith(str(model)) else f"{model}: {exc}") from None
         files = save_model(m, output, external_data=external_data)
     except GraphkitError as exc:
         _fail(exc)
