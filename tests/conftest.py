@@ -76,3 +76,26 @@ def converted(tmp_path_factory):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     return out, json.loads(res.stdout)
+
+
+_CLIENT_MATRIX: list[tuple[str, str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect the Transformers.js real-client results for the summary table below."""
+    if "test_tjs.py::" not in report.nodeid or "[" not in report.nodeid:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        outcome = report.outcome
+        if report.skipped and isinstance(report.longrepr, tuple):
+            outcome = "skipped: " + report.longrepr[2].replace("Skipped: ", "")[:140]
+        _CLIENT_MATRIX.append((report.nodeid.split("::")[1].split("[")[0], report.nodeid.split("[")[1].rstrip("]"), outcome))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CLIENT_MATRIX:
+        return
+    tr = terminalreporter
+    tr.section("Transformers.js real client: tokens vs Python onnxruntime, per device and dtype")
+    for test, params, outcome in _CLIENT_MATRIX:
+        tr.write_line(f"{test:<40} {params:<22} {outcome}")
