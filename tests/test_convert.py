@@ -53,7 +53,8 @@ def test_variant_io_types(converted):
 def test_quantized_agreement_with_fp32_over_golden(converted, golden):
     """Teacher-forced top-1 agreement with the fp32 reference over the golden continuations.
 
-    Measured on the shipped model (2026-11-25): see the printed figures; the bar is 0.90 (issue 3)."""
+    Measured on the shipped model (2026-11-25): fp16 1.000, q4 0.981, q4f16 0.981, q8 1.000
+    (mean KL 1e-7, 0.0010, 0.0010, 0.0001); the bar is 0.90 (issue 3)."""
     out, _ = converted
     ref = DecoderRunner.from_file(out / "onnx" / "model.onnx")
     figures = {}

@@ -80,7 +80,8 @@ def test_chromium_tokens_equal_python_ort(case, device, dtype):
     result = run_client(folder, dtype, [p["messages"] for p in prompts], NEW_TOKENS, "chromium", device=device,
                         screenshot=shot)
     if device == "webgpu" and dtype in ("fp16", "q4f16") and result.get("shader_f16") is False:
-        pytest.skip(f"webgpu {dtype}: adapter {result.get('adapter')} has no shader-f16 "
+        adapter = result.get("adapter") or {}
+        pytest.skip(f"webgpu {dtype}: adapter {adapter.get('vendor')}/{adapter.get('architecture')} has no shader-f16 "
                     f"(error: {str(result.get('error'))[:160]}); runs unchanged on a GPU with f16")
     _check(folder, prompts, eos, dtype, result, strict=(device == "wasm"))
     assert shot.exists() and shot.stat().st_size > 1000
