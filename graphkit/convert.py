@@ -205,16 +205,22 @@ def _agreement(folder: Path, results: list[DtypeResult]) -> None:
 
 
 def render(summary: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from graphkit.console import fmt_bytes, out
     table = Table(title=f"graphkit convert → {summary['output']} ({summary['total_s']} s)")
-    for col in ("dtype", "file", "size", "time (s)", "passes", "top-1 vs fp32", "KL vs fp32", "status"):
-        table.add_column(col)
+    for col in ("dtype", "file", "size", "time s", "top-1", "KL", "status"):
+        table.add_column(col, no_wrap=True)
     for d in summary["dtypes"]:
-        table.add_row(d["dtype"], d["file"], fmt_bytes(d["bytes"]) if d["ok"] else "-", str(d["seconds"]),
-                      ", ".join(d["passes"] or []) or "(export)",
+        table.add_row(d["dtype"], d["file"].removeprefix("onnx/"), fmt_bytes(d["bytes"]) if d["ok"] else "-", str(d["seconds"]),
                       "-" if d["top1_vs_fp32"] is None else f"{d['top1_vs_fp32']:.3f}",
                       "-" if d["kl_vs_fp32"] is None else f"{d['kl_vs_fp32']:.5f}",
-                      "[green]ok[/]" if d["ok"] else f"[red]failed[/] {d['error']}")
+                      "[green]ok[/]" if d["ok"] else "[red]FAILED[/]")
     out.print(table)
+    out.print("top-1 agreement and KL: teacher-forced against the fp32 model on the default prompts", markup=False)
+    for d in summary["dtypes"]:
+        if not d["ok"]:
+            out.print(f"[red]{d['dtype']} failed:[/] {escape(d['error'] or '')}", soft_wrap=True)
+    out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
+              markup=False, soft_wrap=True)
