@@ -99,7 +99,7 @@ DIAGNOSES = [
         "sintomas": "poliuria, polidipsia y baja de peso",
     },
     {
-        "dx": "EPOC exacerbada",
+        "dx": "EPOC exacerbado",
         "motivos": ["aumento de disnea y expectoración", "tos y sibilancias", "disnea en reposo"],
         "tx": ["salbutamol e ipratropio nebulizados y prednisona", "broncodilatadores y corticoides sistémicos",
                "oxigenoterapia, broncodilatadores y azitromicina"],
@@ -115,7 +115,6 @@ DIAGNOSES = [
     },
     {
         "dx": "accidente cerebrovascular isquémico",
-        "art": "el",
         "motivos": ["hemiparesia derecha de inicio súbito", "alteración del habla y debilidad",
                     "desviación de la comisura labial"],
         "tx": ["aspirina y atorvastatina", "trombólisis con alteplasa", "antiagregación y rehabilitación precoz"],
@@ -187,14 +186,6 @@ def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 
-def _art(d: dict) -> str:
-    return d.get("art", "la")
-
-
-def _de(d: dict) -> str:
-    return "del" if _art(d) == "el" else "de la"
-
-
 def case_fields(case: dict) -> dict:
     """Resolve a case (indices into DIAGNOSES/EVOLUCIONES) into strings."""
     d = DIAGNOSES[case["dx"]]
@@ -264,20 +255,7 @@ SYSTEMS = [DEFAULT_SYSTEM] * 6 + ["Eres un médico internista.", "Eres un asiste
 
 def plain_note(rng: random.Random) -> str:
     f = case_fields(random_case(rng))
-    t = rng.randrange(7)
-    if t == 5:
-        # A form-like record: teaches line structure and every word the epicrisis uses
-        # (but with other headers: "Motivo de consulta", "Indicaciones").
-        return (f"Ficha clínica.\nPaciente: {f['sexo_cap']} de {f['edad']} años.\n"
-                f"Motivo de consulta: {_cap(f['motivo'])}.\nDiagnóstico: {_cap(f['dx'])}.\n"
-                f"Tratamiento: {_cap(f['tx'])}.\nEvolución: {_cap(f['evol'])}. Paciente {f['sexo']} de "
-                f"{f['edad']} años, {f['hosp']} durante {f['dias']} días.\nIndicaciones: {_cap(f['alta'])}.")
-    if t == 6:
-        # Copy-heavy note (numbers repeated later): encourages induction / copying of digits.
-        reg = rng.randint(100, 999999)
-        return (f"Registro {reg}. {f['sexo_cap']} de {f['edad']} años, {f['hosp']} durante {f['dias']} días "
-                f"por {f['dx']}. Se confirma el registro {reg}: paciente {f['sexo']} de {f['edad']} años, "
-                f"estadía de {f['dias']} días.")
+    t = rng.randrange(5)
     if t == 0:
         return (f"Paciente {f['sexo']} de {f['edad']} años que consulta por {f['motivo']}. "
                 f"Se diagnostica {f['dx']} y se inicia {f['tx']}. Evolución {f['evol']}. "
@@ -291,7 +269,7 @@ def plain_note(rng: random.Random) -> str:
                 f"Recibe {f['tx']}. Evolución {f['evol']}.")
     if t == 3:
         d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
-        return (f"{_cap(_art(d))} {d['dx']} se manifiesta habitualmente con {d['sintomas']}. "
+        return (f"La {d['dx']} se manifiesta habitualmente con {d['sintomas']}. "
                 f"El tratamiento incluye {rng.choice(d['tx'])}.")
     return (f"Paciente de sexo {f['sexo']}, {f['edad']} años. Antecedente de {f['dx']}. "
             f"Consulta por {f['motivo']}. Se indica {f['tx']}. {_cap(f['hosp'])} {f['dias']} días.")
@@ -300,7 +278,7 @@ def plain_note(rng: random.Random) -> str:
 def base_chat(rng: random.Random) -> str:
     """A ChatML conversation where the assistant answers with a short free-text note."""
     system = rng.choice(SYSTEMS)
-    t = rng.randrange(7)
+    t = rng.randrange(6)
     if t <= 3:
         f = case_fields(random_case(rng))
         instr = ["Resume el caso clínico: ", "Escribe una nota clínica breve: ", "Resume la hospitalización: ",
@@ -311,16 +289,12 @@ def base_chat(rng: random.Random) -> str:
                f"Alta tras {f['dias']} días de hospitalización.")
     elif t == 4:
         d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
-        user = f"¿Qué síntomas produce {_art(d)} {d['dx']}?"
-        ans = f"{_cap(_art(d))} {d['dx']} suele producir {d['sintomas']}."
-    elif t == 5:
-        d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
-        user = f"¿Qué indicaciones se dan al alta en {_art(d)} {d['dx']}?"
-        ans = f"Al alta se indica {d['alta']}."
+        user = f"¿Qué síntomas produce la {d['dx']}?"
+        ans = f"La {d['dx']} suele producir {d['sintomas']}."
     else:
         d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
-        user = f"¿Cuál es el tratamiento {_de(d)} {d['dx']}?"
-        ans = f"El tratamiento habitual {_de(d)} {d['dx']} incluye {', '.join(d['tx'][:-1])} o {d['tx'][-1]}."
+        user = f"¿Cuál es el tratamiento de la {d['dx']}?"
+        ans = f"El tratamiento habitual de la {d['dx']} incluye {', '.join(d['tx'][:-1])} o {d['tx'][-1]}."
     return chatml([{"role": "user", "content": user}, {"role": "assistant", "content": ans}], system)
 
 
@@ -601,8 +575,8 @@ model = PeftModel.from_pretrained(base, "graphkit/examples/epicrisis-tiny/adapte
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT_DIR)
-    ap.add_argument("--base-steps", type=int, default=2000)
-    ap.add_argument("--lora-steps", type=int, default=500)
+    ap.add_argument("--base-steps", type=int, default=1200)
+    ap.add_argument("--lora-steps", type=int, default=400)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lora-batch", type=int, default=16)
@@ -622,9 +596,7 @@ def main(argv=None):
     rng = random.Random(SEED)
     base_docs = base_corpus(rng, 12000)
     lora_ex = lora_examples(rng, 6000)
-    extra = tokenizer_extra_text(rng)
-    tok_text = base_docs + [p + a for p, a in lora_ex[:2000]] + extra
-    base_docs = base_docs + extra  # so that every token's embedding gets some training
+    tok_text = base_docs + [p + a for p, a in lora_ex[:2000]] + tokenizer_extra_text(rng)
 
     base_dir, adapter_dir = args.out / "base", args.out / "adapter"
     for d in ((adapter_dir,) if args.reuse_base else (base_dir, adapter_dir)):
