@@ -153,7 +153,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         scratch = tmp / ".export.onnx"
         step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
         t0 = time.perf_counter()
-        export_model(model_dir, scratch, adapter_dir, exporter=exporter)
+        export_model(model_dir, scratch, adapter_dir, exporter=exporter, external_data=True)  # no 2 GB protobuf copies
         export_s = time.perf_counter() - t0
         for dtype in dtypes:
             fname = DTYPE_FILES[dtype]
@@ -178,7 +178,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     f.unlink()
                 results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2), error=str(exc)))
                 step(f"{dtype}: FAILED: {exc}")
-        scratch.unlink(missing_ok=True)
+        for f in tmp.glob(scratch.name + "*"):  # the export and its external data
+            f.unlink()
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external)
         if check_agreement and "fp32" in written and len(written) > 1:

@@ -147,43 +147,66 @@ def check_static_kv(model: onnx.ModelProto, kv_heads: int, head_dim: int) -> Non
 def export_model(model_dir: str | Path, output: str | Path, adapter_dir: str | Path | None = None,
                  exporter: Exporter = "dynamo", allow_pickle: bool = False, trust_remote_code: bool = False,
                  external_data: bool | None = None, progress=None) -> dict:
-    """Load (and merge) the model and write the decoder ONNX atomically. Returns a summary dict."""
+    """Load (and merge) the model and write the decoder ONNX atomically. Returns a summary dict.
+
+    Memory: the torch model is freed before the ONNX graph is read back, so the two full copies of
+    the weights never coexist with the exporter's own."""
+    import gc
     output = Path(output)
     step = progress or (lambda msg: None)
     t0 = time.perf_counter()
     step("loading model" + (" and merging adapter" if adapter_dir else ""))
     model, _ = load_causal_lm(Path(model_dir), Path(adapter_dir) if adapter_dir else None, allow_pickle, trust_remote_code)
     t_load = time.perf_counter() - t0
-    onnx_model = export_loaded(model, exporter, progress=step)
+    config = model.config
+    with tempfile.TemporaryDirectory(prefix="graphkit-export-", dir=_scratch_dir(output)) as tmp:
+        raw = Path(tmp) / "model.onnx"
+        _export_to_file(model, exporter, raw, step)
+        del model
+        gc.collect()
+        onnx_model = _finalize(load_model(raw), config, exporter)
     step(f"writing {output}")
     written = save_model(onnx_model, output, external_data=external_data)
     return {"output": str(output), "files": [str(p) for p in written], "exporter": exporter,
             "load_s": round(t_load, 2), "total_s": round(time.perf_counter() - t0, 2),
-            "num_layers": model.config.num_hidden_layers}
+            "num_layers": config.num_hidden_layers}
+
+
+def _scratch_dir(output: Path) -> str | None:
+    """Export scratch beside the output when possible (same disk as the result, not a small /tmp)."""
+    parent = output.parent if str(output.parent) else Path(".")
+    return str(parent) if parent.is_dir() else None
 
 
 def export_loaded(model, exporter: Exporter = "dynamo", progress=None) -> onnx.ModelProto:
     """Export an already-loaded transformers causal LM; returns the ONNX model in memory."""
+    with tempfile.TemporaryDirectory(prefix="graphkit-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _export_to_file(model, exporter, path, progress or (lambda msg: None))
+        return _finalize(load_model(path), model.config, exporter)
+
+
+def _export_to_file(model, exporter: Exporter, path: Path, step) -> None:
     import torch
-    step = progress or (lambda msg: None)
     config = model.config
     wrapper = _wrapper(model)
     args = sample_inputs(config)
     step(f"exporting with torch.onnx ({exporter})")
-    with tempfile.TemporaryDirectory(prefix="graphkit-export-") as tmp, torch.no_grad():
-        path = Path(tmp) / "model.onnx"
-        try:
+    try:
+        with torch.no_grad():
             if exporter == "torchscript":
                 _export_torchscript(wrapper, args, path, config.num_hidden_layers)
             elif exporter == "dynamo":
                 _export_dynamo(wrapper, args, path, config.num_hidden_layers)
             else:
                 raise GraphkitError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
-        except GraphkitError:
-            raise
-        except Exception as exc:
-            raise GraphkitError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
-        onnx_model = load_model(path)
+    except GraphkitError:
+        raise
+    except Exception as exc:
+        raise GraphkitError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+
+
+def _finalize(onnx_model: onnx.ModelProto, config, exporter: str) -> onnx.ModelProto:
     normalize_io(onnx_model)
     check_static_kv(onnx_model, *kv_shape(config))
     onnx_model.producer_name = "graphkit"

@@ -34,8 +34,11 @@ def test_folder_layout(converted):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["transformers.js_config"]["kv_cache_dtype"] == {"fp16": "float16", "q4f16": "float16"}
     assert "use_external_data_format" not in cfg["transformers.js_config"]  # small model: single files
-    # nothing temporary left beside the output
+    # nothing temporary left beside the output or inside it
     assert sorted(p.name for p in out.parent.iterdir()) == ["epicrisis-tiny"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "onnx", "tokenizer.json",
+                                                    "tokenizer_config.json"]
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(FILES.values())
 
 
 def test_variant_io_types(converted):
