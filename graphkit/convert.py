@@ -36,8 +36,8 @@ from graphkit.verify import DTYPE_FILES
 PIPELINES: dict[str, str] = {
     "fp32": "",
     "fp16": "fp16",
-    "q4": "tied-embedding(bits=8),matmul-nbits(bits=4,block_size=32)",
-    "q4f16": "tied-embedding(bits=8),matmul-nbits(bits=4,block_size=32),fp16",
+    "q4": "tied-embedding(bits=8,accuracy_level=4),matmul-nbits(bits=4,block_size=32)",
+    "q4f16": "tied-embedding(bits=8,accuracy_level=4),matmul-nbits(bits=4,block_size=32),fp16",
     "q8": "matmul-int8(quantize_embedding_gather=true)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
