@@ -92,7 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="0.5b", choices=sorted(B.SIZES))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--contenders", default="ours,ours3,anchor,genai")
+    ap.add_argument("--contenders", default="ours,ours3,anchor,genai",
+                    help="any of ours, ours3, ours-fuse, ours-fp32, ours-ts, anchor, genai (another set: its own section)")
     a = ap.parse_args()
     base = C.WORK / f"qwen2.5-{a.size}"
     base.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,8 @@ def main() -> None:
             rss = f" (peak {C.mb(sorted(r['step_rss'][step] for r in rs)[len(rs) // 2])})" if "step_rss" in rs[0] else ""
             step_rows.append([c, step, f"{vals[len(vals) // 2]:.1f}{rss}"])
     from graphkit.convert import PIPELINES
-    body = f"""## Conversion, random-weight Qwen2.5-{a.size} shape
+    default = a.contenders == ap.get_default("contenders")
+    body = f"""## Conversion, random-weight Qwen2.5-{a.size} shape{'' if default else ': ' + ', '.join(contenders)}
 
 {C.machine()}
 
@@ -151,7 +153,7 @@ Per step (median s; ours: graphkit convert's own per-dtype timing, fp32 includes
 
 {C.table(["contender", "step", "seconds"], step_rows)}
 """
-    C.write_section(f"conversion-{a.size}", body)
+    C.write_section(f"conversion-{a.size}" + ("" if default else "-" + "+".join(contenders)), body)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,21 @@ def genai_model(folder: Path) -> Path:
     return out
 
 
-def models(base: Path) -> dict[str, Path]:
+def with_accuracy_level(src: Path, bits: int, level: int = 4) -> Path:
+    """Diagnostic copy of ``src`` with ``accuracy_level`` set on its ``bits``-bit MatMulNBits nodes."""
+    import onnx
+    m = onnx.load(str(src))
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == bits for a in n.attribute):
+            for a in [a for a in n.attribute if a.name == "accuracy_level"]:
+                n.attribute.remove(a)
+            n.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    out = src.with_name(f"{src.stem}.acc{level}-{bits}bit.onnx")
+    onnx.save(m, str(out), save_as_external_data=m.ByteSize() > 2**31 - 2**26, location=out.name + "_data")
+    return out
+
+
+def models(base: Path, diag: bool = False) -> dict[str, Path]:
     found = {}
     for who, folder in (("ours", base / "ours" / "onnx"), ("ours-fuse", base / "ours-fuse" / "onnx"),
                         ("anchor", base / "anchor")):
@@ -114,6 +128,12 @@ def models(base: Path) -> dict[str, Path]:
                 found[f"{who} {dtype}"] = folder / f
     if (base / "genai-int4" / "model.onnx").exists():
         found["genai int4"] = genai_model(base / "genai-int4")
+    if diag:  # accuracy_level=4 on our 8-bit lm_head only / on every 4-bit node of the anchor
+        for dtype in ("q4", "q4f16"):
+            if f"ours {dtype}" in found:
+                found[f"ours-head8acc4 {dtype}"] = with_accuracy_level(found[f"ours {dtype}"], 8)
+        if "anchor q4" in found:
+            found["anchor-acc4 q4"] = with_accuracy_level(found["anchor q4"], 4)
     return found
 
 
@@ -135,10 +155,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--diag", action="store_true", help="also run accuracy_level=4 copies: ours with it on the "
+                    "8-bit lm_head MatMulNBits only, the anchor's q4 with it on every MatMulNBits")
     a = ap.parse_args()
     from graphkit.bench import BenchSettings, run_child
     base = C.WORK / f"qwen2.5-{a.size}"
-    found = models(base)
+    found = models(base, a.diag)
     if not any(k.startswith("ours") for k in found) or not any(k.startswith("anchor") for k in found):
         raise SystemExit(f"no converted models in {base}; run benchmarks/conversion.py --size {a.size} first")
     s = BenchSettings(provider="cpu", prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
@@ -170,12 +192,14 @@ def main() -> None:
 
 {C.machine()}
 
-Command: `.venv/bin/python benchmarks/runtime.py --size {a.size} --repeats {a.repeats}`. onnxruntime CPU EP,
+Command: `.venv/bin/python benchmarks/runtime.py --size {a.size} --repeats {a.repeats}{' --diag' if a.diag else ''}`. onnxruntime CPU EP,
 {a.threads} intra-op threads, batch 1, prompt {a.prompt_tokens} random tokens, {a.new_tokens} greedy new tokens;
 medians of {a.repeats} alternating runs (fresh process each; load + warm-up generation untimed). Models from
 `benchmarks/conversion.py --size {a.size}` (ours = `graphkit convert`; ours-fuse = `graphkit convert --fuse`; anchor = export → MatMulNBitsQuantizer
 → convert_float_to_float16(keep_io_types=True); genai = onnxruntime-genai builder `-p int4 -e cpu`, run with
-its KV head dim made static, see the script's docstring). "tok/s ours/anchor" above 1 = ours faster;
+its KV head dim made static, see the script's docstring). Diagnostics (`--diag`): *ours-head8acc4* = ours with
+`accuracy_level=4` written on the 8-bit lm_head MatMulNBits node only; *anchor-acc4* = the anchor's q4 with
+`accuracy_level=4` on every MatMulNBits (same weights; attribute patch). "tok/s ours/anchor" above 1 = ours faster;
 "prefill ours/anchor" below 1 = ours faster.
 
 Memory bandwidth: {bw['read_2proc']:.1f} GB/s read with 2 processes ({' + '.join(f'{x:.1f}' for x in bw['read_each'])});
