@@ -103,13 +103,14 @@ def unpack_bits(p: np.ndarray, bits: int, count: int | None = None) -> np.ndarra
     return out if count is None else out[..., :count]
 
 
-def _check_finite(w: np.ndarray, name: str) -> None:
+def check_finite(w: np.ndarray, name: str, pass_name: str = "matmul-nbits") -> None:
+    """Refuse weights with inf/NaN: a block or column scale computed from them poisons every value."""
     if not np.isfinite(w).all():
         bad = np.argwhere(~np.isfinite(w))
         first = tuple(int(i) for i in bad[0])
         raise GraphkitError(
             f"weight '{name}' has {len(bad)} non-finite value(s) (inf/NaN; first at index {first}); "
-            "cannot quantize it. Fix the checkpoint or exclude this node from matmul-nbits")
+            f"cannot quantize it. Fix the checkpoint or exclude this node from {pass_name}")
 
 
 def _quantize_cols(wt: np.ndarray, K: int, bits: int, block_size: int, symmetric: bool,
@@ -172,7 +173,7 @@ def quantize_blockwise(w_KN: np.ndarray, bits: int = 4, block_size: int = 32, sy
     K, N = w.shape
     if K == 0 or N == 0:
         raise GraphkitError(f"weight '{name}' is empty (shape {list(w.shape)})")
-    _check_finite(w, name)
+    check_finite(w, name)
     kb = k_blocks(K, block_size)
     per = 8 // bits
     packed = np.empty((N, kb, blob_size(block_size, bits)), np.uint8)

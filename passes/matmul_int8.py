@@ -60,6 +60,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
+from passes import _quant
 from graphkit.passbase import GraphPass, PassResult, option
 
 QMAX = 127  # symmetric int8 weights use [-127, 127]
@@ -73,12 +74,7 @@ _CHUNK_ELEMENTS = 1 << 23
 # --------------------------------------------------------------------------------------------
 
 def check_finite(w: np.ndarray, name: str) -> None:
-    if not np.isfinite(w).all():
-        bad = np.argwhere(~np.isfinite(w))
-        first = tuple(int(i) for i in bad[0])
-        raise GraphkitError(
-            f"weight '{name}' has {len(bad)} non-finite value(s) (inf/NaN; first at index {first}); "
-            "cannot quantize it. Fix the checkpoint or exclude this node from matmul-int8")
+    _quant.check_finite(w, name, "matmul-int8")
 
 
 def weight_scales(w_KN: np.ndarray, per_channel: bool = True) -> np.ndarray:
