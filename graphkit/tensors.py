@@ -1,0 +1,115 @@
+"""Initializer data access that works whether a tensor's bytes are in memory or still on disk.
+
+A model loaded *lazily* (``modelio.load_model(path, load_external="lazy")``) keeps every external
+tensor as a reference: its ``location`` is made absolute so the tensor can be read on its own, at
+any time, without the model's folder. Passes read weights with :func:`array`, one tensor at a
+time, so converting a model never needs all of its weights in memory at once; tensors a pass does
+not touch are copied from file to file by ``modelio.save_model`` without being decoded.
+
+Never use ``onnx.numpy_helper.to_array`` on an initializer in a pass: it loads external data *into*
+the proto (keeping it in memory for good) and reads relative locations from the working folder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from graphkit.errors import GraphkitError
+
+_RAW_DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
+               TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+               TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32, TensorProto.INT64: np.int64,
+               TensorProto.UINT32: np.uint32, TensorProto.UINT64: np.uint64, TensorProto.BOOL: np.bool_}
+
+
+def is_external(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def external_info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def nbytes(t: TensorProto) -> int:
+    """Bytes of the tensor's data, without reading it."""
+    if is_external(t):
+        info = external_info(t)
+        if "length" in info:
+            return int(info["length"])
+        return _shape_nbytes(t)
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return _shape_nbytes(t)
+
+
+def _shape_nbytes(t: TensorProto) -> int:
+    count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    try:
+        return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        return 0
+
+
+def read_bytes(t: TensorProto) -> bytes:
+    """The tensor's raw little-endian bytes (read from disk for a lazy external tensor)."""
+    if is_external(t):
+        path, offset, length = _external_span(t)
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        if len(data) != length:
+            raise GraphkitError(f"{path}: external data for '{t.name}' is truncated (wanted {length} bytes at {offset})")
+        return data
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()
+
+
+def array(t: TensorProto) -> np.ndarray:
+    """The tensor as a numpy array. Lazy external tensors are read from their file (the proto is not
+    changed); in-memory raw data is returned without a copy (read-only)."""
+    if is_external(t):
+        dtype = _RAW_DTYPES.get(t.data_type)
+        if dtype is None:
+            loaded = TensorProto()
+            loaded.CopyFrom(t)
+            del loaded.external_data[:]
+            loaded.data_location = TensorProto.DEFAULT
+            loaded.raw_data = read_bytes(t)
+            return numpy_helper.to_array(loaded)
+        path, offset, length = _external_span(t)
+        count = length // np.dtype(dtype).itemsize
+        arr = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if arr.size != count:
+            raise GraphkitError(f"{path}: external data for '{t.name}' is truncated (wanted {length} bytes at {offset})")
+        return arr.reshape(tuple(t.dims))
+    dtype = _RAW_DTYPES.get(t.data_type)
+    if dtype is not None and t.HasField("raw_data"):
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def _external_span(t: TensorProto) -> tuple[str, int, int]:
+    info = external_info(t)
+    location = info.get("location", "")
+    if not os.path.isabs(location):
+        raise GraphkitError(f"tensor '{t.name}' refers to external data {location!r} relative to an unknown folder; "
+                            "load the model with graphkit.modelio.load_model")
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else _shape_nbytes(t)
+    return location, offset, length
+
+
+def make_lazy(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Make every external location absolute so tensors can be read without knowing the folder."""
+    from graphkit.modelio import iter_tensors
+    base = Path(base_dir).resolve()
+    for t in iter_tensors(model):
+        if is_external(t):
+            for e in t.external_data:
+                if e.key == "location" and not os.path.isabs(e.value):
+                    e.value = str(base / e.value)
