@@ -32,6 +32,7 @@ def export(
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (can run code)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the folder."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Load the whole model in memory (peft merge) instead of tracing without weights and streaming them."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Merge the adapter and export the decoder with KV cache to ONNX."""
@@ -39,7 +40,8 @@ def export(
     try:
         from graphkit.export import export_model
         summary = export_model(model_dir, output, adapter, exporter=exporter, allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, progress=lambda m: err.print(f"• {m}", markup=False))
+                               trust_remote_code=trust_remote_code, stream=not no_stream,
+                               progress=lambda m: err.print(f"• {m}", markup=False))
     except GraphkitError as exc:
         _fail(exc)
     if json_out:
@@ -64,7 +66,7 @@ def apply(
         from graphkit.pipeline import parse_spec, run_passes
         from graphkit.modelio import check_model
         pass_list = parse_spec(passes)
-        m = load_model(model)
+        m = load_model(model, load_external="lazy")  # weights read one tensor at a time by the passes
         if not no_check:
             check_model(m, model)
         try:
@@ -122,6 +124,7 @@ def convert(
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     no_agreement: bool = typer.Option(False, "--no-agreement", help="Skip the agreement-with-fp32 check in the summary."),
     fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
@@ -137,7 +140,8 @@ def convert(
                 err.print(f"• {msg}", soft_wrap=True, markup=False)
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
-                                  check_agreement=not no_agreement, fuse=fuse, progress=progress)
+                                  check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
+                                  progress=progress)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
+
 from graphkit.errors import GraphkitError
 from graphkit.verify import DTYPE_FILES
 
@@ -132,9 +134,8 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 
 def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
-            max_chunk_bytes: int | None = None, fuse: bool = False,
+            max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
             progress: Callable[[str], None] | None = None) -> dict:
-    from graphkit.export import export_model
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, load_model, save_model
     from graphkit.pipeline import parse_spec, run_passes
 
@@ -150,23 +151,41 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     try:
         onnx_dir = tmp / "onnx"
         onnx_dir.mkdir()
-        scratch = tmp / ".export.onnx"
+        scratch = tmp / ".export" / "model.onnx"
         step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
         t0 = time.perf_counter()
-        export_model(model_dir, scratch, adapter_dir, exporter=exporter, external_data=True)  # no 2 GB protobuf copies
+        _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
         export_s = time.perf_counter() - t0
-        for dtype in dtypes:
+        # The weights stay on disk: each pipeline reads the tensors it changes, one at a time, and
+        # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
+        # q4 + fp16) starts from that result instead of redoing the quantization.
+        previous: tuple[list, object, list] | None = None  # (passes, model, reports)
+        specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir)) for d in dtypes}
+        for i, dtype in enumerate(dtypes):
             fname = DTYPE_FILES[dtype]
-            step(f"{dtype}: {pipeline_spec(dtype, fuse, model_dir) or 'export as is'} → onnx/{fname}")
+            spec = pipeline_spec(dtype, fuse, model_dir)
+            step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
             t0 = time.perf_counter()
             try:
-                model = load_model(scratch)
-                spec = pipeline_spec(dtype, fuse, model_dir)
-                reports = []
-                if spec:
-                    model, reports = run_passes(model, parse_spec(spec), on_report=lambda r: step("   " + r.line()))
+                passes = parse_spec(spec) if spec else []
+                names = [p.describe() for p in passes]
+                reports: list = []
+                if previous and previous[0] and names[:len(previous[0])] == previous[0]:
+                    step(f"   starting from the {' → '.join(n.split('(')[0] for n in previous[0])} result")
+                    model = onnx.ModelProto()
+                    model.CopyFrom(previous[1])
+                    reports = list(previous[2])
+                    passes = passes[len(previous[0]):]
+                else:
+                    previous = None
+                    model = load_model(scratch, load_external="lazy")
+                if passes:
+                    model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()))
+                    reports += more
                 force_external = True if max_chunk_bytes else None  # None: only above 2 GB
                 files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
+                extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
+                previous = (names, model, reports) if names and extended_later else None
                 del model
                 if len(files) > 1:
                     external[fname] = len(files) - 1
@@ -174,12 +193,13 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                                            round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
                                            [r.name.split("(")[0] for r in reports]))
             except GraphkitError as exc:
+                previous = None
                 for f in onnx_dir.glob(fname + "*"):
                     f.unlink()
                 results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2), error=str(exc)))
                 step(f"{dtype}: FAILED: {exc}")
-        for f in tmp.glob(scratch.name + "*"):  # the export and its external data
-            f.unlink()
+        previous = None
+        shutil.rmtree(scratch.parent, ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external)
         if check_agreement and "fp32" in written and len(written) > 1:
@@ -192,6 +212,29 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
             "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
+
+
+def _pass_names(spec: str) -> list[str]:
+    """The passes of a spec as ``describe()`` strings (empty if the spec is empty or invalid: the
+    dtype's own run reports that error)."""
+    from graphkit.pipeline import parse_spec
+    try:
+        return [p.describe() for p in parse_spec(spec)] if spec else []
+    except GraphkitError:
+        return []
+
+
+def _export(model_dir: Path, scratch: Path, adapter_dir: Path | None, exporter: str, stream: bool, step) -> None:
+    """The fp32 export every pipeline starts from, always with external data (never a 2 GB protobuf)."""
+    from graphkit.export import export_model
+    if stream and exporter == "dynamo":
+        from graphkit.stream_export import StreamingUnsupported, export_streaming
+        try:
+            export_streaming(model_dir, scratch, adapter_dir, progress=step)
+            return
+        except StreamingUnsupported as exc:
+            step(f"streaming export not possible ({exc}); exporting in memory instead")
+    export_model(model_dir, scratch, adapter_dir, exporter=exporter, external_data=True, stream=False, progress=step)
 
 
 def _agreement(folder: Path, results: list[DtypeResult]) -> None:

@@ -95,6 +95,11 @@ def _export_torchscript(wrapper, args, path: Path, num_layers: int) -> None:
 
 
 def _export_dynamo(wrapper, args, path: Path, num_layers: int) -> None:
+    _dynamo_program(wrapper, args, num_layers).save(str(path), external_data=True)
+
+
+def _dynamo_program(wrapper, args, num_layers: int, optimize: bool = True):
+    """torch.onnx.export(dynamo=True) with Transformers.js I/O names and dynamic dims; the ONNXProgram."""
     import torch
     from torch.export import Dim
     ins, outs = io_names(num_layers)
@@ -109,9 +114,8 @@ def _export_dynamo(wrapper, args, path: Path, num_layers: int) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(wrapper, args, None, dynamo=True, dynamic_shapes=shapes, input_names=ins,
-                                 output_names=outs, optimize=True, opset_version=18, verbose=False)
-    prog.save(str(path), external_data=True)
+        return torch.onnx.export(wrapper, args, None, dynamo=True, dynamic_shapes=shapes, input_names=ins,
+                                 output_names=outs, optimize=optimize, opset_version=18, verbose=False)
 
 
 def normalize_io(model: onnx.ModelProto) -> None:
@@ -146,14 +150,40 @@ def check_static_kv(model: onnx.ModelProto, kv_heads: int, head_dim: int) -> Non
 
 def export_model(model_dir: str | Path, output: str | Path, adapter_dir: str | Path | None = None,
                  exporter: Exporter = "dynamo", allow_pickle: bool = False, trust_remote_code: bool = False,
-                 external_data: bool | None = None, progress=None) -> dict:
+                 external_data: bool | None = None, progress=None, stream: bool = True,
+                 max_chunk_bytes: int | None = None) -> dict:
     """Load (and merge) the model and write the decoder ONNX atomically. Returns a summary dict.
 
-    Memory: the torch model is freed before the ONNX graph is read back, so the two full copies of
+    With ``stream`` (the default, dynamo exporter only) the graph is traced without weights and the
+    weights are written one tensor at a time (``graphkit.stream_export``): peak memory about one
+    embedding table instead of several copies of the model. Models or adapters it does not handle
+    fall back to the in-memory export, reported through ``progress``. The streamed file always
+    keeps its weights in external data (``<file>_data``)."""
+    step = progress or (lambda msg: None)
+    if stream and exporter == "dynamo" and not allow_pickle and not trust_remote_code:
+        from graphkit.stream_export import StreamingUnsupported, export_streaming
+        output = Path(output)
+        try:
+            with tempfile.TemporaryDirectory(prefix="graphkit-export-", dir=_scratch_dir(output)) as tmp:
+                summary = export_streaming(Path(model_dir), Path(tmp) / "model.onnx",
+                                           Path(adapter_dir) if adapter_dir else None, progress=step)
+                step(f"writing {output}")
+                written = save_model(load_model(Path(tmp) / "model.onnx", load_external="lazy"), output,
+                                     external_data=external_data, **({"max_chunk_bytes": max_chunk_bytes} if max_chunk_bytes else {}))
+            summary.update(output=str(output), files=[str(p) for p in written])
+            return summary
+        except StreamingUnsupported as exc:
+            step(f"streaming export not possible ({exc}); exporting in memory instead")
+    return _export_in_memory(model_dir, output, adapter_dir, exporter, allow_pickle, trust_remote_code,
+                             external_data, step)
+
+
+def _export_in_memory(model_dir, output, adapter_dir, exporter: Exporter, allow_pickle: bool,
+                      trust_remote_code: bool, external_data: bool | None, step) -> dict:
+    """Memory: the torch model is freed before the ONNX graph is read back, so the two full copies of
     the weights never coexist with the exporter's own."""
     import gc
     output = Path(output)
-    step = progress or (lambda msg: None)
     t0 = time.perf_counter()
     step("loading model" + (" and merging adapter" if adapter_dir else ""))
     model, _ = load_causal_lm(Path(model_dir), Path(adapter_dir) if adapter_dir else None, allow_pickle, trust_remote_code)

@@ -140,8 +140,13 @@ def _non_utf8_string(msg, where: str = "model") -> str | None:
     return None
 
 
-def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model, refusing unsafe or broken external data with a one-line error."""
+def load_model(path: str | os.PathLike, load_external: bool | str = True) -> onnx.ModelProto:
+    """Load an ONNX model, refusing unsafe or broken external data with a one-line error.
+
+    ``load_external``: True reads external data into memory; False leaves the references as they are
+    (for graph-only tools); ``"lazy"`` leaves the bytes on disk but makes every reference absolute so
+    passes read each tensor on demand (``graphkit.tensors.array``) and ``save_model`` copies untouched
+    tensors file to file: the memory-frugal mode ``convert`` and ``apply`` use."""
     path = Path(path)
     if not path.exists():
         raise GraphkitError(f"{path}: no such file")
@@ -158,7 +163,10 @@ def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.Mode
     if bad:
         raise GraphkitError(f"{path}: not a readable ONNX model ({bad} is not valid UTF-8 text); the file is corrupt")
     check_external_locations(model, path.parent, path)
-    if load_external:
+    if load_external == "lazy":
+        from graphkit.tensors import make_lazy
+        make_lazy(model, path.parent)
+    elif load_external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
@@ -201,18 +209,23 @@ def _tensor_size_problem(tensor: TensorProto) -> str | None:
     return None
 
 
-def model_nbytes(model: onnx.ModelProto) -> int:
-    """Serialized size estimate: proto size plus tensor bytes (works above 2 GB)."""
+def model_nbytes(model: onnx.ModelProto, include_external: bool = True) -> int:
+    """Serialized size estimate: proto size plus tensor bytes (works above 2 GB). With
+    ``include_external`` (the default) tensors still on disk count too: the size the model has once
+    saved; without, only what the in-memory proto holds."""
+    from graphkit.tensors import is_external, nbytes
     total = 0
     for t in iter_tensors(model):
-        total += len(t.raw_data) if t.HasField("raw_data") else 0
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        elif include_external and is_external(t):
+            total += nbytes(t)
     return total + sum(len(n.SerializeToString()) for n in model.graph.node if n.op_type != "Constant")
 
 
 def tensor_bytes(t: TensorProto) -> bytes:
-    if t.HasField("raw_data"):
-        return t.raw_data
-    return onnx.numpy_helper.to_array(t).tobytes()
+    from graphkit.tensors import read_bytes
+    return read_bytes(t)
 
 
 @contextlib.contextmanager
@@ -276,57 +289,132 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 
 
 def _write(model: onnx.ModelProto, path: Path, external: bool, max_chunk_bytes: int) -> list[Path]:
+    from graphkit.tensors import is_external
     if not external:
-        data = model.SerializeToString()
+        # Small enough for one protobuf: lazy tensors are read in for the write and put back after.
+        lazy = [(t, list(t.external_data)) for t in iter_tensors(model) if is_external(t)]
+        try:
+            for t, _ in lazy:
+                raw = tensor_bytes(t)
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = raw
+            data = model.SerializeToString()
+        finally:
+            for t, entries in lazy:
+                t.ClearField("raw_data")
+                _restore_external(t, entries)
         with open(path, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         return [path]
-    moved: list[tuple[TensorProto, bytes, int]] = []
-    files: list[Path] = []
-    chunk_index, offset, fh = -1, 0, None
-
-    def open_chunk() -> None:
-        nonlocal chunk_index, offset, fh
-        if fh is not None:
-            fh.flush(); os.fsync(fh.fileno()); fh.close()
-        chunk_index += 1
-        name = path.name + "_data" + (f"_{chunk_index}" if chunk_index else "")
-        files.append(path.parent / name)
-        fh = open(files[-1], "wb")
-        offset = 0
-
+    writer = ExternalDataWriter(path, max_chunk_bytes)
+    moved: list[tuple[TensorProto, bytes | None, list]] = []
     try:
         for tensor in iter_tensors(model):
-            if tensor.data_location == TensorProto.EXTERNAL:
-                raise GraphkitError(f"tensor '{tensor.name}' still refers to external data; load the model with its data first")
+            if is_external(tensor):
+                entries = list(tensor.external_data)
+                location, offset, length = writer.copy_external(tensor)
+                moved.append((tensor, None, entries))
+                _set_external(tensor, location, offset, length)
+                continue
             raw = tensor_bytes(tensor)
             if len(raw) < EXTERNAL_MIN_BYTES:
                 continue
-            if fh is None or (offset and offset + len(raw) > max_chunk_bytes):
-                open_chunk()
-            pad = (-offset) % _ALIGN
-            if pad:
-                fh.write(b"\0" * pad); offset += pad
-            fh.write(raw)
-            moved.append((tensor, raw, tensor.data_type))
-            _set_external(tensor, files[-1].name, offset, len(raw))
-            offset += len(raw)
-        if fh is not None:
-            fh.flush(); os.fsync(fh.fileno()); fh.close(); fh = None
+            location, offset, length = writer.write(raw)
+            moved.append((tensor, raw, []))
+            _set_external(tensor, location, offset, length)
+        writer.close()
         with open(path, "wb") as out:
             out.write(model.SerializeToString())
             out.flush(); os.fsync(out.fileno())
     finally:
-        if fh is not None:
-            fh.close()
-        for tensor, raw, _ in moved:  # restore the caller's in-memory model
+        writer.close()
+        for tensor, raw, entries in moved:  # restore the caller's in-memory model
+            if raw is None:
+                _restore_external(tensor, entries)
+                continue
             del tensor.external_data[:]
             tensor.data_location = TensorProto.DEFAULT
             _clear_typed_data(tensor)
             tensor.raw_data = raw
-    return [path] + files
+    return [path] + writer.files
+
+
+class ExternalDataWriter:
+    """Appends tensor bytes to ``<file>.onnx_data``, ``<file>.onnx_data_1``, … (64-byte aligned, each
+    chunk under ``max_chunk_bytes``) and says where each tensor went. Used by ``save_model`` and by
+    the streaming export, which writes weights one at a time as it computes them."""
+
+    COPY_BLOCK = 64 * 2**20
+
+    def __init__(self, onnx_path: Path, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.onnx_path = Path(onnx_path)
+        self.max_chunk_bytes = max_chunk_bytes
+        self.files: list[Path] = []
+        self._fh = None
+        self._offset = 0
+
+    def _reserve(self, length: int) -> tuple[str, int]:
+        if self._fh is None or (self._offset and self._offset + length > self.max_chunk_bytes):
+            self._open_chunk()
+        pad = (-self._offset) % _ALIGN
+        if pad:
+            self._fh.write(b"\0" * pad)
+            self._offset += pad
+        return self.files[-1].name, self._offset
+
+    def _open_chunk(self) -> None:
+        self._close_chunk()
+        index = len(self.files)
+        name = self.onnx_path.name + "_data" + (f"_{index}" if index else "")
+        self.files.append(self.onnx_path.parent / name)
+        self._fh = open(self.files[-1], "wb")
+        self._offset = 0
+
+    def _close_chunk(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def write(self, data) -> tuple[str, int, int]:
+        """Append bytes (or a numpy array's bytes); returns (location, offset, length)."""
+        view = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+        location, offset = self._reserve(len(view))
+        self._fh.write(view)
+        self._offset += len(view)
+        return location, offset, len(view)
+
+    def copy_external(self, tensor: TensorProto) -> tuple[str, int, int]:
+        """Copy a lazy tensor's bytes from its file in blocks, never holding the whole tensor."""
+        from graphkit.tensors import _external_span
+        src, src_offset, length = _external_span(tensor)
+        location, offset = self._reserve(length)
+        with open(src, "rb") as fh:
+            fh.seek(src_offset)
+            left = length
+            while left:
+                block = fh.read(min(left, self.COPY_BLOCK))
+                if not block:
+                    raise GraphkitError(f"{src}: external data for '{tensor.name}' is truncated")
+                self._fh.write(block)
+                left -= len(block)
+        self._offset += length
+        return location, offset, length
+
+    def close(self) -> None:
+        self._close_chunk()
+
+
+def _restore_external(t: TensorProto, entries: list) -> None:
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for e in entries:
+        new = t.external_data.add()
+        new.key, new.value = e.key, e.value
 
 
 def _clear_typed_data(t: TensorProto) -> None:
@@ -342,6 +430,32 @@ def _set_external(tensor: TensorProto, location: str, offset: int, length: int) 
     for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = k, v
+
+
+@contextlib.contextmanager
+def _relative_locations(model: onnx.ModelProto) -> Iterator[None]:
+    """onnx.checker opens every external-data file relative to the working folder and refuses the
+    absolute locations lazy loading writes. For the in-memory check, lazy initializers stand aside as
+    graph inputs of the same type and shape (the check of every node is unchanged)."""
+    from graphkit.tensors import is_external
+    g = model.graph
+    lazy = [t for t in g.initializer if is_external(t) and any(
+        e.key == "location" and os.path.isabs(e.value) for e in t.external_data)]
+    if not lazy:
+        yield
+        return
+    saved = []
+    for t in lazy:
+        saved.append(onnx.TensorProto())
+        saved[-1].CopyFrom(t)
+        g.initializer.remove(t)
+    n_inputs = len(g.input)
+    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in saved)
+    try:
+        yield
+    finally:
+        del g.input[n_inputs:]
+        g.initializer.extend(saved)
 
 
 # onnxruntime contrib ops that it registers in the default ONNX domain; onnx.checker does not know
@@ -366,10 +480,11 @@ def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
 
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
     try:
-        if path is not None and model_nbytes(model) > PROTOBUF_LIMIT:
+        if path is not None and model_nbytes(model, include_external=False) > PROTOBUF_LIMIT:
             onnx.checker.check_model(str(path))
         else:
-            onnx.checker.check_model(model)
+            with _relative_locations(model):
+                onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise GraphkitError(f"{path or 'model'}: fails onnx.checker: {first}") from None

@@ -92,13 +92,13 @@ class PassReport:
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) if t.HasField("raw_data") else
-               onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    from graphkit.tensors import nbytes
+    return sum(nbytes(t) for t in model.graph.initializer)
 
 
 def verify_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     """onnx.checker + strict shape inference; above 2 GB both are skipped with a note."""
-    if model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
+    if model_nbytes(model, include_external=False) > PROTOBUF_LIMIT - 64 * 2**20:
         return model, "checker/shape inference skipped: model above 2 GB"
     check_model(model)
     try:

@@ -79,6 +79,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
 from graphkit.passbase import GraphPass, PassResult, option
 
@@ -114,7 +115,7 @@ def _vi_type(vi: onnx.ValueInfoProto) -> int:
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
-            return numpy_helper.to_array(a.t)
+            return tensors.array(a.t)
         if a.name == "value_float":
             return np.array(a.f, dtype=np.float32)
         if a.name == "value_floats":
@@ -456,7 +457,7 @@ class _Converter:
                 t = self.init_by_name[name]
                 if t.data_type != FLOAT:
                     return None
-                v = numpy_helper.to_array(t)
+                v = tensors.array(t)
             elif name in const_node_by_out:
                 v = _constant_node_value(const_node_by_out[name])
                 if v is None or v.dtype != np.float32:
@@ -530,7 +531,7 @@ class _Converter:
                 tainted.add(name)
         for idx, n in enumerate(nodes):
             if n.op_type == "ConstantOfShape" and is_float(n.output[0]):
-                val = next((numpy_helper.to_array(a.t) for a in n.attribute if a.name == "value"), None)
+                val = next((tensors.array(a.t) for a in n.attribute if a.name == "value"), None)
                 if val is not None and _at_limit(_clamp(val.astype(np.float32))[0]):
                     tainted.add(n.output[0])
             if mode[idx] == 32 and n.op_type not in ("Softmax", "LogSoftmax") and any(x in tainted for x in n.input):
@@ -778,7 +779,7 @@ class _Converter:
         """Clamp a float fill value to the float16 range; store it as float16 when the node is fp16."""
         for a in n.attribute:
             if a.name == "value":
-                v, nclamp = _clamp(numpy_helper.to_array(a.t).astype(np.float32))
+                v, nclamp = _clamp(tensors.array(a.t).astype(np.float32))
                 if nclamp:
                     self.details["clamped"].append(f"ConstantOfShape '{n.name or n.output[0]}' value")
                 if nclamp or to_fp16:

@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
 
@@ -242,10 +243,7 @@ class GraphIndex:
 
 
 def _to_array(t: TensorProto) -> np.ndarray:
-    if t.data_location == TensorProto.EXTERNAL:
-        raise GraphkitError(f"tensor '{t.name}' refers to external data that is not loaded; "
-                            "load the model with its data (graphkit.modelio.load_model)")
-    return numpy_helper.to_array(t)
+    return tensors.array(t)
 
 
 def _subgraph_reads(g: onnx.GraphProto) -> set[str]:

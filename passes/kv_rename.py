@@ -55,6 +55,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
 
@@ -159,12 +160,12 @@ class _Graph:
 
     def const_array(self, name: str) -> np.ndarray | None:
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return tensors.array(self.inits[name])
         n = self.const_nodes.get(name)
         if n is not None:
             for a in n.attribute:
                 if a.name == "value":
-                    return numpy_helper.to_array(a.t)
+                    return tensors.array(a.t)
         return None
 
     def depth(self) -> list[int]:

@@ -59,6 +59,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
 from passes import _quant
 from graphkit.passbase import GraphPass, PassResult, option
@@ -252,13 +253,13 @@ class MatMulInt8Pass(GraphPass):
         if t is not None:
             if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
                 return None
-            return _Weight(numpy_helper.to_array(t) if load else None, name, None, None)
+            return _Weight(tensors.array(t) if load else None, name, None, None)
         node = producers.get(name)
         if node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
             perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
             src = tensor(node.input[0])
             if src is not None and src.data_type == TensorProto.FLOAT and len(src.dims) == 2 and perm in ([], [[1, 0]]):
-                arr = numpy_helper.to_array(src).T if load else None
+                arr = tensors.array(src).T if load else None
                 return _Weight(arr, node.input[0], name, node)
         return None
 
@@ -343,7 +344,7 @@ class MatMulInt8Pass(GraphPass):
             for gn in self._embedding_gathers(out):
                 tname = gn.input[0]
                 if tname not in table_q:
-                    arr = numpy_helper.to_array(inits[tname])
+                    arr = tensors.array(inits[tname])
                     q, s = quantize_rows(arr, tname)
                     qn = names.make(tname + "_int8")
                     sn = names.make(tname + "_row_scale")

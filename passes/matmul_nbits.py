@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
 from passes._quant import blob_size, k_blocks, quantize_blockwise
@@ -102,12 +103,7 @@ class _Job:
 
 
 def _tensor_view(t: TensorProto, name: str) -> np.ndarray:
-    if t.data_location == TensorProto.EXTERNAL:
-        raise GraphkitError(f"tensor '{name}' refers to external data that is not loaded; "
-                            "load the model with its data (graphkit.modelio.load_model)")
-    if t.data_type in _FLOAT_TYPES and t.HasField("raw_data"):
-        return np.frombuffer(t.raw_data, dtype=_FLOAT_TYPES[t.data_type]).reshape(tuple(t.dims))
-    return numpy_helper.to_array(t)
+    return tensors.array(t)
 
 
 def _node_label(node: onnx.NodeProto) -> str:

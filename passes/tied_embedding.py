@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, option
 from passes._quant import k_blocks, quantize_blockwise
@@ -75,7 +76,7 @@ def _find_ties(model: onnx.ModelProto) -> list[_Tie]:
                 if perm == [1, 0]:
                     ties.append(_Tie(gather, n, name, w, prod))
             elif w in inits and list(inits[w].dims) == list(E.dims)[::-1] and inits[w].data_type == E.data_type:
-                if np.array_equal(numpy_helper.to_array(inits[w]), numpy_helper.to_array(E).T):
+                if np.array_equal(tensors.array(inits[w]), tensors.array(E).T):
                     ties.append(_Tie(gather, n, name, w, None))
     return ties
 
@@ -108,7 +109,7 @@ class TiedEmbeddingPass(GraphPass):
         tie = _find_ties(model)[0]
         g = model.graph
         inits = _inits(g)
-        E = numpy_helper.to_array(inits[tie.table])
+        E = tensors.array(inits[tie.table])
         vocab, hidden = E.shape
         packed, scales, _ = quantize_blockwise(E.T, o.bits, o.block_size, symmetric=True, name=tie.table)
         kb = k_blocks(hidden, o.block_size)
