@@ -57,6 +57,7 @@ class DtypeResult:
     bytes: int = 0
     seconds: float = 0.0
     passes: list[str] | None = None
+    peak_rss: int | None = None  # bytes, this step's own peak (fp32: the export's)
     top1_vs_fp32: float | None = None
     kl_vs_fp32: float | None = None
     error: str | None = None
@@ -136,7 +137,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
             progress: Callable[[str], None] | None = None) -> dict:
-    from graphkit.modelio import DEFAULT_CHUNK_BYTES, load_model, save_model
+    from graphkit.memory import peak_rss, reset_peak
+    from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
     from graphkit.pipeline import parse_spec, run_passes
 
     step = progress or (lambda msg: None)
@@ -154,8 +156,10 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         scratch = tmp / ".export" / "model.onnx"
         step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
         t0 = time.perf_counter()
+        reset_peak()
         _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
         export_s = time.perf_counter() - t0
+        export_peak = peak_rss()
         # The weights stay on disk: each pipeline reads the tensors it changes, one at a time, and
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
@@ -166,6 +170,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             spec = pipeline_spec(dtype, fuse, model_dir)
             step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
             t0 = time.perf_counter()
+            reset_peak()
             try:
                 passes = parse_spec(spec) if spec else []
                 names = [p.describe() for p in passes]
@@ -183,15 +188,21 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()))
                     reports += more
                 force_external = True if max_chunk_bytes else None  # None: only above 2 GB
-                files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
+                if not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
+                    files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
+                else:
+                    files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
                 extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
                 previous = (names, model, reports) if names and extended_later else None
                 del model
                 if len(files) > 1:
                     external[fname] = len(files) - 1
+                peak = peak_rss()
+                if dtype == "fp32" and peak is not None and export_peak is not None:
+                    peak = max(peak, export_peak)
                 results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                            round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
-                                           [r.name.split("(")[0] for r in reports]))
+                                           [r.name.split("(")[0] for r in reports], peak))
             except GraphkitError as exc:
                 previous = None
                 for f in onnx_dir.glob(fname + "*"):
@@ -212,6 +223,21 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
             "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
+
+
+def _link_files(export: Path, dest: Path) -> list[Path]:
+    """The fp32 file is the export itself: hard-link it and its data chunks (copy where links fail)
+    instead of writing gigabytes again. Same file name, so the external-data locations stay valid."""
+    files = [export] + sorted(export.parent.glob(export.name + "_data*"))
+    out = []
+    for f in files:
+        target = dest.parent / f.name
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copyfile(f, target)
+        out.append(target)
+    return out
 
 
 def _pass_names(spec: str) -> list[str]:
@@ -254,15 +280,17 @@ def render(summary: dict) -> None:
 
     from graphkit.console import fmt_bytes, out
     table = Table(title=f"graphkit convert → {summary['output']} ({summary['total_s']} s)")
-    for col in ("dtype", "file", "size", "time s", "top-1", "KL", "status"):
+    for col in ("dtype", "file", "size", "time s", "peak RSS", "top-1", "KL", "status"):
         table.add_column(col, no_wrap=True)
     for d in summary["dtypes"]:
         table.add_row(d["dtype"], d["file"].removeprefix("onnx/"), fmt_bytes(d["bytes"]) if d["ok"] else "-", str(d["seconds"]),
+                      fmt_bytes(d["peak_rss"]) if d.get("peak_rss") else "-",
                       "-" if d["top1_vs_fp32"] is None else f"{d['top1_vs_fp32']:.3f}",
                       "-" if d["kl_vs_fp32"] is None else f"{d['kl_vs_fp32']:.5f}",
                       "[green]ok[/]" if d["ok"] else "[red]FAILED[/]")
     out.print(table)
-    out.print("top-1 agreement and KL: teacher-forced against the fp32 model on the default prompts", markup=False)
+    out.print("top-1 agreement and KL: teacher-forced against the fp32 model on the default prompts; "
+              "peak RSS: the process's highest resident memory during that step (fp32: the export)", markup=False)
     for d in summary["dtypes"]:
         if not d["ok"]:
             out.print(f"[red]{d['dtype']} failed:[/] {escape(d['error'] or '')}", soft_wrap=True)
