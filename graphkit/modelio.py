@@ -432,30 +432,37 @@ def _set_external(tensor: TensorProto, location: str, offset: int, length: int) 
         entry.key, entry.value = k, v
 
 
-@contextlib.contextmanager
-def _relative_locations(model: onnx.ModelProto) -> Iterator[None]:
-    """onnx.checker opens every external-data file relative to the working folder and refuses the
-    absolute locations lazy loading writes. For the in-memory check, lazy initializers stand aside as
-    graph inputs of the same type and shape (the check of every node is unchanged)."""
-    from graphkit.tensors import is_external
-    g = model.graph
-    lazy = [t for t in g.initializer if is_external(t) and any(
-        e.key == "location" and os.path.isabs(e.value) for e in t.external_data)]
-    if not lazy:
-        yield
-        return
-    saved = []
-    for t in lazy:
-        saved.append(onnx.TensorProto())
-        saved[-1].CopyFrom(t)
-        g.initializer.remove(t)
-    n_inputs = len(g.input)
-    g.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in saved)
-    try:
-        yield
-    finally:
-        del g.input[n_inputs:]
-        g.initializer.extend(saved)
+SKELETON_MIN_BYTES = 2**16
+
+
+def graph_skeleton(model: onnx.ModelProto, min_bytes: int = SKELETON_MIN_BYTES) -> onnx.ModelProto:
+    """A copy of the model without its large weights: each initializer of at least ``min_bytes``
+    (in memory or on disk) becomes a graph input of the same name, type and shape.
+
+    onnx.checker and shape inference see every node exactly as before (a weight's values never
+    decide a shape), but nothing large is copied or serialized, the 2 GB protobuf limit does not
+    apply, and lazy external references (absolute paths, which the checker refuses) stay out of it.
+    """
+    from graphkit.tensors import is_external, nbytes
+    skel = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            getattr(skel, field.name).CopyFrom(value) if field.type == field.TYPE_MESSAGE and not field.is_repeated \
+                else (getattr(skel, field.name).extend(value) if field.is_repeated else setattr(skel, field.name, value))
+    g, sg = model.graph, skel.graph
+    for field, value in g.ListFields():
+        if field.name == "initializer":
+            continue
+        if field.is_repeated:
+            getattr(sg, field.name).extend(value)
+        else:
+            setattr(sg, field.name, value)
+    for t in g.initializer:
+        if is_external(t) or nbytes(t) >= min_bytes:
+            sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            sg.initializer.append(t)
+    return skel
 
 
 # onnxruntime contrib ops that it registers in the default ONNX domain; onnx.checker does not know
@@ -464,7 +471,7 @@ ORT_DEFAULT_DOMAIN_CONTRIB_OPS = {"SimplifiedLayerNormalization"}
 
 
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
-    """onnx.checker, naming the problem; works above 2 GB when a saved path is given."""
+    """onnx.checker on the graph (weights stand aside, see graph_skeleton), naming the problem."""
     contrib = [n for n in model.graph.node if n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and n.domain in ("", "ai.onnx")]
     if contrib:
         for n in contrib:
@@ -480,11 +487,7 @@ def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
 
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
     try:
-        if path is not None and model_nbytes(model, include_external=False) > PROTOBUF_LIMIT:
-            onnx.checker.check_model(str(path))
-        else:
-            with _relative_locations(model):
-                onnx.checker.check_model(model)
+        onnx.checker.check_model(graph_skeleton(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise GraphkitError(f"{path or 'model'}: fails onnx.checker: {first}") from None
