@@ -40,6 +40,7 @@ OURS = {"ours": (ALL_DTYPES, [], "ours", "(all five dtypes)"),
         "ours3": ("fp32,q4,q4f16", [], "ours3", "--dtypes fp32,q4,q4f16"),
         "ours-fuse": (ALL_DTYPES, ["--fuse"], "ours-fuse", "--fuse (all five dtypes)"),
         "ours-fp32": ("fp32", [], "ours-fp32", "--dtypes fp32 (the export alone)"),
+        "ours-nostream": (ALL_DTYPES, ["--no-stream"], "ours-nostream", "--no-stream (in-memory export, all five dtypes)"),
         "ours-ts": ("fp32", ["--exporter", "torchscript"], "ours-ts", "--dtypes fp32 --exporter torchscript")}
 ANCHOR_FILES = {"fp32": "model.onnx", "q4": "model_q4.onnx", "q4f16": "model_q4f16.onnx"}
 
@@ -60,6 +61,8 @@ def run_ours(hf: Path, out: Path, dtypes: str, extra: list[str]) -> dict:
     summary = json.loads(r["stdout"][r["stdout"].index("{"):])
     r["files"] = {d["dtype"]: d["bytes"] for d in summary["dtypes"]}
     r["steps"] = {d["dtype"]: d["seconds"] for d in summary["dtypes"]}
+    if all(d.get("peak_rss") for d in summary["dtypes"]):
+        r["step_rss"] = {d["dtype"]: d["peak_rss"] for d in summary["dtypes"]}
     return r
 
 
@@ -93,7 +96,7 @@ def main() -> None:
     ap.add_argument("--size", default="0.5b", choices=sorted(B.SIZES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--contenders", default="ours,ours3,anchor,genai",
-                    help="any of ours, ours3, ours-fuse, ours-fp32, ours-ts, anchor, genai (another set: its own section)")
+                    help="any of ours, ours3, ours-fuse, ours-fp32, ours-ts, ours-nostream, anchor, genai (another set: its own section)")
     a = ap.parse_args()
     base = C.WORK / f"qwen2.5-{a.size}"
     base.mkdir(parents=True, exist_ok=True)
@@ -112,7 +115,7 @@ def main() -> None:
     runs = C.alternate(contenders, a.repeats, lambda c, _r: fns[c]())
     (base / f"conversion-runs-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps({c: [{k: v for k, v in r.items() if k not in ("stdout", "stderr")} for r in rs] for c, rs in runs.items()}, indent=1))
-    for c in ("ours3", "ours-fp32", "ours-ts"):  # same files as ours (or diagnostics): keep the disk free
+    for c in ("ours3", "ours-fp32", "ours-ts", "ours-nostream"):  # same files as ours (or diagnostics): keep the disk free
         shutil.rmtree(outs[c], ignore_errors=True)
 
     labels = {c: f"ours: `graphkit convert` {OURS[c][3]}" for c in OURS}
@@ -149,7 +152,7 @@ Our pipelines: {'; '.join(f'{d}: `{s or "export"}`' for d, s in PIPELINES.items(
 
 {C.table(head, rows)}
 
-Per step (median s; ours: graphkit convert's own per-dtype timing, fp32 includes the export):
+Per step (median s; ours: graphkit convert's own per-dtype timing and peak RSS of that step (VmHWM reset before each step), fp32 includes the export):
 
 {C.table(["contender", "step", "seconds"], step_rows)}
 """

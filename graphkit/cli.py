@@ -69,11 +69,16 @@ def apply(
         m = load_model(model, load_external="lazy")  # weights read one tensor at a time by the passes
         if not no_check:
             check_model(m, model)
-        try:
-            m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True, markup=False))
-        except GraphkitError as exc:  # name the input file in errors raised inside a pass
-            raise GraphkitError(str(exc) if str(exc).startswith(str(model)) else f"{model}: {exc}") from None
-        files = save_model(m, output, external_data=external_data)
+        import tempfile
+
+        from graphkit.tensors import spill_to
+        scratch = output.parent if output.parent.is_dir() else None
+        with tempfile.TemporaryDirectory(prefix=".graphkit-spill-", dir=scratch) as spill_dir, spill_to(spill_dir):
+            try:  # new weights are spilled to disk as they are made; the output is written from there
+                m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True, markup=False))
+            except GraphkitError as exc:  # name the input file in errors raised inside a pass
+                raise GraphkitError(str(exc) if str(exc).startswith(str(model)) else f"{model}: {exc}") from None
+            files = save_model(m, output, external_data=external_data)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

@@ -124,6 +124,9 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 
 
 def _swap_into_place(tmp: Path, output: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         os.replace(output, old)
@@ -137,6 +140,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
             progress: Callable[[str], None] | None = None) -> dict:
+    from graphkit import tensors
     from graphkit.memory import peak_rss, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
     from graphkit.pipeline import parse_spec, run_passes
@@ -165,52 +169,54 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
         specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir)) for d in dtypes}
-        for i, dtype in enumerate(dtypes):
-            fname = DTYPE_FILES[dtype]
-            spec = pipeline_spec(dtype, fuse, model_dir)
-            step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
-            t0 = time.perf_counter()
-            reset_peak()
-            try:
-                passes = parse_spec(spec) if spec else []
-                names = [p.describe() for p in passes]
-                reports: list = []
-                if previous and previous[0] and names[:len(previous[0])] == previous[0]:
-                    step(f"   starting from the {' → '.join(n.split('(')[0] for n in previous[0])} result")
-                    model = onnx.ModelProto()
-                    model.CopyFrom(previous[1])
-                    reports = list(previous[2])
-                    passes = passes[len(previous[0]):]
-                else:
+        with tensors.spill_to(tmp / ".spill"):  # new weights go to disk, not into the proto
+            for i, dtype in enumerate(dtypes):
+                fname = DTYPE_FILES[dtype]
+                spec = pipeline_spec(dtype, fuse, model_dir)
+                step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
+                t0 = time.perf_counter()
+                reset_peak()
+                try:
+                    passes = parse_spec(spec) if spec else []
+                    names = [p.describe() for p in passes]
+                    reports: list = []
+                    if previous and previous[0] and names[:len(previous[0])] == previous[0]:
+                        step(f"   starting from the {' → '.join(n.split('(')[0] for n in previous[0])} result")
+                        model = onnx.ModelProto()
+                        model.CopyFrom(previous[1])
+                        reports = list(previous[2])
+                        passes = passes[len(previous[0]):]
+                    else:
+                        previous = None
+                        model = load_model(scratch, load_external="lazy")
+                    if passes:
+                        model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()))
+                        reports += more
+                    force_external = True if max_chunk_bytes else None  # None: only above 2 GB
+                    if not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
+                        files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
+                    else:
+                        files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
+                    extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
+                    previous = (names, model, reports) if names and extended_later else None
+                    del model
+                    if len(files) > 1:
+                        external[fname] = len(files) - 1
+                    peak = peak_rss()
+                    if dtype == "fp32" and peak is not None and export_peak is not None:
+                        peak = max(peak, export_peak)
+                    results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
+                                               round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
+                                               [r.name.split("(")[0] for r in reports], peak))
+                except GraphkitError as exc:
                     previous = None
-                    model = load_model(scratch, load_external="lazy")
-                if passes:
-                    model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()))
-                    reports += more
-                force_external = True if max_chunk_bytes else None  # None: only above 2 GB
-                if not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
-                    files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
-                else:
-                    files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
-                extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
-                previous = (names, model, reports) if names and extended_later else None
-                del model
-                if len(files) > 1:
-                    external[fname] = len(files) - 1
-                peak = peak_rss()
-                if dtype == "fp32" and peak is not None and export_peak is not None:
-                    peak = max(peak, export_peak)
-                results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
-                                           round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
-                                           [r.name.split("(")[0] for r in reports], peak))
-            except GraphkitError as exc:
-                previous = None
-                for f in onnx_dir.glob(fname + "*"):
-                    f.unlink()
-                results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2), error=str(exc)))
-                step(f"{dtype}: FAILED: {exc}")
-        previous = None
+                    for f in onnx_dir.glob(fname + "*"):
+                        f.unlink()
+                    results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2), error=str(exc)))
+                    step(f"{dtype}: FAILED: {exc}")
+            previous = None
         shutil.rmtree(scratch.parent, ignore_errors=True)
+        shutil.rmtree(tmp / ".spill", ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external)
         if check_agreement and "fp32" in written and len(written) > 1:

@@ -20,6 +20,7 @@ the shipped model with its adapter). Adapters using features this merge does not
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -47,26 +48,45 @@ _WRAPPER_PREFIX = "m."  # export.FlatCacheDecoder keeps the model as ``self.m``
 
 
 class SafetensorsWeights:
-    """Read named tensors from a model folder's safetensors files as float32 numpy arrays."""
+    """Read named tensors from a model folder's safetensors files as float32 numpy arrays.
+
+    Each tensor is read with a plain file read into its own buffer (no memory map): a mapped file's
+    pages count as the process's resident memory for as long as the map lives, which would make
+    reading every weight once look like holding the whole checkpoint."""
+
+    _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
     def __init__(self, model_dir: Path) -> None:
-        from safetensors import safe_open
         self.model_dir = model_dir
         index = model_dir / "model.safetensors.index.json"
         files = sorted(model_dir.glob("*.safetensors"))
         if index.exists():
             weight_map = read_json(index, "").get("weight_map", {})
             files = sorted({model_dir / f for f in weight_map.values()})
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for key, info in header.items():
+                if key != "__metadata__":
+                    self._where[key] = (f, info, 8 + n)
 
     def keys(self) -> set[str]:
         return set(self._where)
 
     def get(self, key: str) -> np.ndarray:
-        import torch
-        t = self._where[key].get_tensor(key)
-        return t.to(torch.float32).numpy() if t.dtype != torch.float32 else t.numpy()
+        path, info, data_start = self._where[key]
+        dtype = self._DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise GraphkitError(f"{path}: tensor {key!r} has dtype {info['dtype']}; expected float weights")
+        begin, end = info["data_offsets"]
+        arr = np.fromfile(path, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize, offset=data_start + begin)
+        if arr.nbytes != end - begin:
+            raise GraphkitError(f"{path}: tensor {key!r} is truncated; re-download the file")
+        if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32, copy=False).reshape(info["shape"])
 
 
 class LoraDeltas:

@@ -113,3 +113,73 @@ def make_lazy(model: onnx.ModelProto, base_dir: Path) -> None:
             for e in t.external_data:
                 if e.key == "location" and not os.path.isabs(e.value):
                     e.value = str(base / e.value)
+
+
+# --- spilling new tensors to disk --------------------------------------------------------------------
+# A pass that makes a new large tensor (fp16 weights, quantized blocks) calls `new_tensor`. Inside
+# `spill_to(folder)` the bytes go straight to a scratch file and the proto only refers to them, so a
+# pipeline's output never accumulates in memory (convert and apply use it); outside, the tensor is an
+# ordinary in-memory one.
+SPILL_MIN_BYTES = 1 << 20
+_spill_stack: list["_SpillFile"] = []
+
+
+class _SpillFile:
+    def __init__(self, folder: Path) -> None:
+        import tempfile
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="spill-", suffix=".bin", dir=folder)
+        self.path = Path(name).resolve()
+        self.fh = os.fdopen(fd, "wb")
+        self.offset = 0
+
+    def write(self, arr: np.ndarray) -> tuple[int, int]:
+        pad = (-self.offset) % 64
+        if pad:
+            self.fh.write(b"\0" * pad)
+            self.offset += pad
+        view = memoryview(np.ascontiguousarray(arr)).cast("B")
+        start = self.offset
+        self.fh.write(view)
+        self.fh.flush()  # readers open the file by name
+        self.offset += len(view)
+        return start, len(view)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class spill_to:
+    """Context manager: large tensors made by passes go to a scratch file in ``folder`` (removed by
+    the caller with the folder, after the model has been saved)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def __enter__(self) -> "spill_to":
+        self.file = _SpillFile(self.folder)
+        _spill_stack.append(self.file)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _spill_stack.remove(self.file)
+        self.file.close()
+
+
+def new_tensor(arr: np.ndarray, name: str) -> TensorProto:
+    """A TensorProto holding ``arr``: spilled to disk as a lazy external tensor inside ``spill_to``
+    (when at least SPILL_MIN_BYTES), in memory otherwise."""
+    arr = np.asarray(arr)
+    if not _spill_stack or arr.nbytes < SPILL_MIN_BYTES or arr.dtype not in _NP_TO_ONNX:
+        return numpy_helper.from_array(arr, name)
+    spill = _spill_stack[-1]
+    offset, length = spill.write(arr)
+    t = TensorProto(name=name, data_type=_NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", str(spill.path)), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+_NP_TO_ONNX = {np.dtype(v): k for k, v in _RAW_DTYPES.items()}

@@ -628,7 +628,7 @@ class _Converter:
                 n16 = self.fresh(name + "_fp16")
                 self.const_variant[(name, FLOAT16)] = n16
                 if name in self.init_by_name:
-                    new_inits.append(numpy_helper.from_array(v16, n16))
+                    new_inits.append(tensors.new_tensor(v16, n16))
                     self.details["initializers_fp16"] += 1
                 else:
                     self._extra_const_nodes[name] = helper.make_node(
@@ -740,7 +740,7 @@ class _Converter:
 
     def _replace_const(self, name, arr, const_node_by_out, new_inits, dropped_inits) -> None:
         if name in self.init_by_name:
-            new_inits.append(numpy_helper.from_array(arr, name))
+            new_inits.append(tensors.new_tensor(arr, name))
             dropped_inits.add(name)
         else:
             old = const_node_by_out[name]

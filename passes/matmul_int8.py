@@ -162,10 +162,20 @@ def int8_error_bound(x: np.ndarray, w_KN: np.ndarray, per_channel: bool = True,
 
 @dataclass
 class _Weight:
-    array: np.ndarray          # [K, N] float32 as MatMul's B
+    tensor: TensorProto        # the data, read only when quantized (one weight in memory at a time)
     source: str                # name of the initializer / Constant output holding the data
     via_transpose: str | None  # name of the Transpose node's output (if B = Transpose(source))
     transpose_node: onnx.NodeProto | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[K, N] as MatMul's B."""
+        d = tuple(self.tensor.dims)
+        return d[::-1] if self.via_transpose is not None else d
+
+    def load(self) -> np.ndarray:
+        arr = tensors.array(self.tensor)
+        return arr.T if self.via_transpose is not None else arr
 
 
 @dataclass
@@ -253,14 +263,13 @@ class MatMulInt8Pass(GraphPass):
         if t is not None:
             if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
                 return None
-            return _Weight(tensors.array(t) if load else None, name, None, None)
+            return _Weight(t, name, None, None)
         node = producers.get(name)
         if node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
             perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
             src = tensor(node.input[0])
             if src is not None and src.data_type == TensorProto.FLOAT and len(src.dims) == 2 and perm in ([], [[1, 0]]):
-                arr = tensors.array(src).T if load else None
-                return _Weight(arr, node.input[0], name, node)
+                return _Weight(src, node.input[0], name, node)
         return None
 
     def _graph_outputs(self, model):
@@ -333,8 +342,8 @@ class MatMulInt8Pass(GraphPass):
         sites, skipped = self._sites(out, load=True)
         inits = {i.name: i for i in g.initializer}
         new_inits: list[TensorProto] = []
-        # int8 tables of quantized embedding Gathers: table name -> (q name, row-scale name, scale [V], float table)
-        table_q: dict[str, tuple[str, str, np.ndarray, np.ndarray]] = {}
+        # int8 tables of quantized embedding Gathers: table name -> (q name, row-scale name, scale [V], float table tensor)
+        table_q: dict[str, tuple[str, str, np.ndarray, TensorProto]] = {}
         candidates: set[str] = set()  # initializers that may become unused
         gather_replacements: dict[int, list[onnx.NodeProto]] = {}
         stats = {"matmuls": 0, "gathers": 0, "shared_dql": 0, "bias_fusable": 0, "tied_lm_head_shared": 0}
@@ -348,8 +357,9 @@ class MatMulInt8Pass(GraphPass):
                     q, s = quantize_rows(arr, tname)
                     qn = names.make(tname + "_int8")
                     sn = names.make(tname + "_row_scale")
-                    new_inits += [numpy_helper.from_array(q, qn), numpy_helper.from_array(s.reshape(-1, 1), sn)]
-                    table_q[tname] = (qn, sn, s, arr)
+                    new_inits += [tensors.new_tensor(q, qn), tensors.new_tensor(s.reshape(-1, 1), sn)]
+                    table_q[tname] = (qn, sn, s, inits[tname])
+                    del arr
                     candidates.add(tname)
                 qn, sn = table_q[tname][:2]
                 base = gn.name or "embedding"
@@ -435,7 +445,7 @@ class MatMulInt8Pass(GraphPass):
                     tied_to = w.source
                 else:  # a separate copy of the table (torchscript exports duplicate the tied weight)
                     tied_to = next((t for t, v in table_q.items()
-                                    if v[3].shape == w.array.shape[::-1] and np.array_equal(v[3].T, w.array)), None)
+                                    if tuple(v[3].dims) == w.shape[::-1] and np.array_equal(tensors.array(v[3]).T, w.load())), None)
             if tied_to is not None:
                 qn, _, row_scale, _ = table_q[tied_to]
                 key = (tied_to + "#T", True)
@@ -450,10 +460,10 @@ class MatMulInt8Pass(GraphPass):
                 key = (w.source + ("#T" if w.via_transpose else ""), opt.per_channel)
                 if key not in wq_cache:
                     label = w.source if not w.via_transpose else w.source + "_T"
-                    q, scale = quantize_weight(w.array, opt.per_channel, name=w.source)
+                    q, scale = quantize_weight(w.load(), opt.per_channel, name=w.source)
                     qn = names.make(label + "_int8")
                     sn = names.make(label + "_scale")
-                    new_inits += [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)]
+                    new_inits += [tensors.new_tensor(q, qn), tensors.new_tensor(scale, sn)]
                     wq_cache[key] = (qn, sn)
             wqn, wsn = wq_cache[key]
             mmi = names.make(base + "_MatMulInteger_output")
@@ -484,7 +494,7 @@ class MatMulInt8Pass(GraphPass):
                     add = cons[0]
                     other = add.input[1] if add.input[0] == n.output[0] else add.input[0]
                     t = inits.get(other)
-                    if t is not None and len(t.dims) == 1 and t.dims[0] == w.array.shape[1] and t.dims[0] > 1:
+                    if t is not None and len(t.dims) == 1 and t.dims[0] == w.shape[1] and t.dims[0] > 1:
                         stats["bias_fusable"] += 1
                         if add.input[0] != n.output[0]:
                             bias_swaps.append(add)

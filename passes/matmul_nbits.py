@@ -332,8 +332,8 @@ class MatMulNBitsPass(GraphPass):
             base = w.root + ("_T" if w.transpose is not None else "")
             names = (fresh(f"{base}_Q{job.bits}"), fresh(f"{base}_scales"),
                      fresh(f"{base}_zero_points") if zp is not None else None)
-            new_inits.append(numpy_helper.from_array(q, names[0]))
-            new_inits.append(numpy_helper.from_array(scales, names[1]))
+            new_inits.append(tensors.new_tensor(q, names[0]))
+            new_inits.append(tensors.new_tensor(scales, names[1]))
             if zp is not None:
                 new_inits.append(numpy_helper.from_array(zp, names[2]))
             packed[key] = names
