@@ -73,7 +73,7 @@ def apply(
 
         from graphkit.tensors import spill_to
         scratch = output.parent if output.parent.is_dir() else None
-        with tempfile.TemporaryDirectory(prefix=".graphkit-spill-", dir=scratch) as spill_dir, spill_to(spill_dir):
+        with tempfile.TemporaryDirectory(prefix=".graphkit-spill-", dir=scratch) as spill_dir, spill_to(spill_dir, f"writing {output}"):
             try:  # new weights are spilled to disk as they are made; the output is written from there
                 m, reports = run_passes(m, pass_list, check=not no_check, on_report=lambda r: err.print(r.line(), soft_wrap=True, markup=False))
             except GraphkitError as exc:  # name the input file in errors raised inside a pass

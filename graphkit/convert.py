@@ -169,7 +169,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
         specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir)) for d in dtypes}
-        with tensors.spill_to(tmp / ".spill"):  # new weights go to disk, not into the proto
+        with tensors.spill_to(tmp / ".spill", f"converting into {output}"):  # new weights go to disk, not into the proto
             for i, dtype in enumerate(dtypes):
                 fname = DTYPE_FILES[dtype]
                 spec = pipeline_spec(dtype, fuse, model_dir)

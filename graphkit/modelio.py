@@ -291,23 +291,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 def _write(model: onnx.ModelProto, path: Path, external: bool, max_chunk_bytes: int) -> list[Path]:
     from graphkit.tensors import is_external
     if not external:
-        # Small enough for one protobuf: lazy tensors are read in for the write and put back after.
-        lazy = [(t, list(t.external_data)) for t in iter_tensors(model) if is_external(t)]
-        try:
-            for t, _ in lazy:
-                raw = tensor_bytes(t)
-                del t.external_data[:]
-                t.data_location = TensorProto.DEFAULT
-                t.raw_data = raw
-            data = model.SerializeToString()
-        finally:
-            for t, entries in lazy:
-                t.ClearField("raw_data")
-                _restore_external(t, entries)
-        with open(path, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_single_file(model, path)
         return [path]
     writer = ExternalDataWriter(path, max_chunk_bytes)
     moved: list[tuple[TensorProto, bytes | None, list]] = []
@@ -340,6 +324,55 @@ def _write(model: onnx.ModelProto, path: Path, external: bool, max_chunk_bytes: 
             _clear_typed_data(tensor)
             tensor.raw_data = raw
     return [path] + writer.files
+
+
+def _write_single_file(model: onnx.ModelProto, path: Path) -> None:
+    """One protobuf file, written one initializer at a time.
+
+    Protobuf merges repeated occurrences of an embedded message: the bytes of ``ModelProto{graph:
+    G}`` followed by those of ``ModelProto{graph: {initializer: [t]}}`` parse as G with t appended.
+    So the graph is written without its initializers, then each initializer as such a fragment (a
+    lazy one read from disk just for its fragment): memory holds one tensor, not the whole model
+    twice as ``SerializeToString`` would."""
+    from graphkit.tensors import is_external, read_bytes
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if field.is_repeated:
+            getattr(skeleton, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(skeleton, field.name).CopyFrom(value)
+        else:
+            setattr(skeleton, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if field.is_repeated:
+            getattr(skeleton.graph, field.name).extend(value)
+        else:
+            setattr(skeleton.graph, field.name, value)
+    if not model.graph.initializer and not skeleton.HasField("graph"):
+        skeleton.graph.SetInParent()
+    with open(path, "wb") as fh:
+        fh.write(skeleton.SerializeToString())
+        for t in model.graph.initializer:
+            fragment = onnx.ModelProto()
+            item = fragment.graph.initializer.add()
+            if is_external(t):
+                for field, value in t.ListFields():
+                    if field.name not in ("external_data", "data_location", "raw_data"):
+                        if field.is_repeated:
+                            getattr(item, field.name).extend(value)
+                        else:
+                            setattr(item, field.name, value)
+                item.raw_data = read_bytes(t)
+            else:
+                item.CopyFrom(t)
+            fh.write(fragment.SerializeToString())
+            del fragment, item
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class ExternalDataWriter:

@@ -125,10 +125,14 @@ _spill_stack: list["_SpillFile"] = []
 
 
 class _SpillFile:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, label: str) -> None:
         import tempfile
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="spill-", suffix=".bin", dir=folder)
+        self.label = label
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="spill-", suffix=".bin", dir=folder)
+        except OSError as exc:
+            raise GraphkitError(f"cannot create scratch space in {folder}: {exc.strerror or exc}") from None
         self.path = Path(name).resolve()
         self.fh = os.fdopen(fd, "wb")
         self.offset = 0
@@ -140,8 +144,12 @@ class _SpillFile:
             self.offset += pad
         view = memoryview(np.ascontiguousarray(arr)).cast("B")
         start = self.offset
-        self.fh.write(view)
-        self.fh.flush()  # readers open the file by name
+        try:
+            self.fh.write(view)
+            self.fh.flush()  # readers open the file by name
+        except OSError as exc:
+            raise GraphkitError(f"{self.label}: staging new weights in {self.path.parent} failed: {exc.strerror or exc}; "
+                                "free some disk space there (they are staged beside the output); nothing was left at the output path") from None
         self.offset += len(view)
         return start, len(view)
 
@@ -153,11 +161,12 @@ class spill_to:
     """Context manager: large tensors made by passes go to a scratch file in ``folder`` (removed by
     the caller with the folder, after the model has been saved)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, label: str = "writing the model") -> None:
         self.folder = Path(folder)
+        self.label = label
 
     def __enter__(self) -> "spill_to":
-        self.file = _SpillFile(self.folder)
+        self.file = _SpillFile(self.folder, self.label)
         _spill_stack.append(self.file)
         return self
 
