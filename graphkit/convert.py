@@ -141,7 +141,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
             progress: Callable[[str], None] | None = None) -> dict:
     from graphkit import tensors
-    from graphkit.memory import peak_rss, reset_peak
+    from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
     from graphkit.pipeline import parse_spec, run_passes
 
@@ -164,6 +164,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
         export_s = time.perf_counter() - t0
         export_peak = peak_rss()
+        release_free_memory()
         # The weights stay on disk: each pipeline reads the tensors it changes, one at a time, and
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
@@ -200,6 +201,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
                     previous = (names, model, reports) if names and extended_later else None
                     del model
+                    release_free_memory()
                     if len(files) > 1:
                         external[fname] = len(files) - 1
                     peak = peak_rss()

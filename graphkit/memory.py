@@ -22,3 +22,13 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS only grows between
+    the steps of a long conversion). No-op where malloc_trim does not exist."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
