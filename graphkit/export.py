@@ -164,6 +164,10 @@ def export_model(model_dir: str | Path, output: str | Path, adapter_dir: str | P
         from graphkit.stream_export import StreamingUnsupported, export_streaming
         output = Path(output)
         try:
+            if external_data or (external_data is None and _fp32_bytes(Path(model_dir)) > 2**31 - 64 * 2**20):
+                # external data either way: stream straight into place, no second copy
+                return export_streaming(Path(model_dir), output, Path(adapter_dir) if adapter_dir else None,
+                                        max_chunk_bytes=max_chunk_bytes, progress=step)
             with tempfile.TemporaryDirectory(prefix="graphkit-export-", dir=_scratch_dir(output)) as tmp:
                 summary = export_streaming(Path(model_dir), Path(tmp) / "model.onnx",
                                            Path(adapter_dir) if adapter_dir else None, progress=step)
@@ -200,6 +204,25 @@ def _export_in_memory(model_dir, output, adapter_dir, exporter: Exporter, allow_
     return {"output": str(output), "files": [str(p) for p in written], "exporter": exporter,
             "load_s": round(t_load, 2), "total_s": round(time.perf_counter() - t0, 2),
             "num_layers": config.num_hidden_layers}
+
+
+def _fp32_bytes(model_dir: Path) -> int:
+    """The model's weights in float32, from the safetensors headers (without reading the data)."""
+    import json
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):
+            continue
+        for key, info in header.items():
+            if key != "__metadata__":
+                count = 1
+                for d in info.get("shape", []):
+                    count *= d
+                total += 4 * count
+    return total
 
 
 def _scratch_dir(output: Path) -> str | None:
