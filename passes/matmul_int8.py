@@ -453,7 +453,7 @@ class MatMulInt8Pass(GraphPass):
                     tq = names.make(qn + "_T")
                     pre.append(helper.make_node("Transpose", [qn], [tq], names.make(qn + "_Transpose"), perm=[1, 0]))
                     sn = names.make(tied_to + "_col_scale")
-                    new_inits.append(numpy_helper.from_array(row_scale.astype(np.float32), sn))
+                    new_inits.append(tensors.new_tensor(row_scale.astype(np.float32), sn))
                     wq_cache[key] = (tq, sn)
                 stats["tied_lm_head_shared"] += 1
             else:

@@ -174,3 +174,25 @@ def test_lazy_model_through_passes_and_in_place_apply(tmp_path, exported_example
     after = onnx.load(str(src), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in after.graph.node) >= 28
     assert np.abs(_logits(src, ids) - ref).max() < 0.5  # 8-bit weights: close (stale or misread data: far off)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "matmul-nbits(bits=4,block_size=32)", "matmul-int8(quantize_embedding_gather=true)"])
+def test_passes_keep_weights_out_of_memory(tmp_path, exported_example, monkeypatch, spec):
+    """Memory-frugal contract: on a lazily loaded model inside spill_to, no pass puts a large weight
+    into the proto (it reads the ones it changes from disk and stages the new ones on disk), and the
+    saved result equals the in-memory run."""
+    from graphkit import tensors
+    from graphkit.modelio import load_model, save_model
+    from graphkit.pipeline import parse_spec, run_passes
+    monkeypatch.setattr(tensors, "SPILL_MIN_BYTES", 4096)
+    src = tmp_path / "src.onnx"
+    save_model(load_model(exported_example), src, external_data=True)
+    with tensors.spill_to(tmp_path / "spill"):
+        lazy, _ = run_passes(load_model(src, load_external="lazy"), parse_spec(spec))
+        in_memory = [t.name for t in lazy.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 4096]
+        assert not in_memory, in_memory
+        save_model(lazy, tmp_path / "lazy.onnx")
+    eager, _ = run_passes(load_model(src), parse_spec(spec))
+    save_model(eager, tmp_path / "eager.onnx")
+    a, b = _initializers(tmp_path / "lazy.onnx"), _initializers(tmp_path / "eager.onnx")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
