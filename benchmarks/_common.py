@@ -269,5 +269,108 @@ def anchor_q8(src: str, out: str, weight_type: str = "QUInt8") -> dict:
 ANCHOR_STEPS = {"anchor_export": anchor_export, "anchor_q4": anchor_q4, "anchor_f16": anchor_f16, "anchor_q8": anchor_q8}
 
 
+# ------------------------------------------------------------------------------ added for browser.py
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    """The benchmark prompt: ``n`` ids drawn like graphkit.bench (``numpy default_rng(seed)``, batch 1)."""
+    import numpy as np
+    return [int(x) for x in np.random.default_rng(seed).integers(0, vocab, (1, n), dtype=np.int64)[0]]
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """``median [min–max]`` of a list (``—`` when empty)."""
+    if not values:
+        return "—"
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (copy across file systems); replaces ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+
+def proc_cpu_snapshot() -> dict[int, float]:
+    """CPU seconds (user + sys) of every process now, by pid (from /proc/PID/stat)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+                out[int(d)] = (int(f[11]) + int(f[12])) / HZ
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def others_cores_between(before: dict[int, float], after: dict[int, float], wall: float) -> float:
+    """CPU (cores) used during ``wall`` seconds by processes alive at the end that are not this process: for a child
+    whose own descendants are gone by then (a browser), this leaves out the child's whole tree, which rusage cannot
+    see once its grandchildren were reaped elsewhere. Processes born and gone in between are missed."""
+    me = os.getpid()
+    used = sum(after[p] - before.get(p, 0.0) for p in after if p != me)
+    return max(0.0, used / wall) if wall > 0 else 0.0
+
+
+
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(sum, largest) RSS bytes of ``root`` and all its descendants now (from /proc)."""
+    parent, rss = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+                parent[int(d)], rss[int(d)] = int(f[1]), int(f[21]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in tree and p not in tree}
+        tree |= new
+        grew = bool(new)
+    sizes = [rss.get(p, 0) for p in tree]
+    return sum(sizes), max(sizes, default=0)
+
+
+def run_tree(cmd: list[str], timeout: float | None = None, poll_s: float = 0.5) -> dict:
+    """Run one child (no quiet wait); besides run_cmd's fields, poll the RSS of its whole process tree (a browser's
+    renderer included, which ru_maxrss never sees): ``tree_rss`` = peak of the sum, ``tree_rss_max1`` = peak of the
+    largest single process. Others' CPU from /proc snapshots (see others_cores_between)."""
+    out_f = open(WORK / f".child-{os.getpid()}.out", "w+")
+    err_f = open(WORK / f".child-{os.getpid()}.err", "w+")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    before = proc_cpu_snapshot()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=ROOT)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    peak_sum = peak_one = 0
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        s, one = _tree_rss(proc.pid)
+        peak_sum, peak_one = max(peak_sum, s), max(peak_one, one)
+        if deadline and time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(poll_s)
+    wall = time.perf_counter() - t0
+    after = proc_cpu_snapshot()
+    out_f.seek(0); err_f.seek(0)
+    stdout, stderr = out_f.read(), err_f.read()
+    out_f.close(); err_f.close()
+    return {"cmd": cmd, "rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "peak_rss": ru.ru_maxrss * 1024,
+            "tree_rss": peak_sum, "tree_rss_max1": peak_one, "others_cores": others_cores_between(before, after, wall),
+            "stdout": stdout, "stderr": stderr}
+
+
 if __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[1] == "--child":
     child_main(ANCHOR_STEPS)
