@@ -374,3 +374,12 @@ def run_tree(cmd: list[str], timeout: float | None = None, poll_s: float = 0.5) 
 
 if __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[1] == "--child":
     child_main(ANCHOR_STEPS)
+
+
+def warm_page_cache(path: Path, block: int = 64 * 2**20) -> None:
+    """Read a file once so it sits in the page cache, in blocks: reading it whole into one buffer
+    would raise this process's peak RSS, which every child forked afterwards inherits as its own
+    starting ``ru_maxrss`` (Linux copies the high-water mark on fork), inflating their peaks."""
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(block):
+            pass

@@ -108,7 +108,7 @@ def main() -> None:
         contenders.remove("genai")
         notes.append("onnxruntime-genai is not importable here (`pip install onnxruntime-genai`), so its builder was skipped.")
     for f in hf.glob("*.safetensors"):  # page cache: every contender starts from a warm file
-        f.read_bytes()
+        C.warm_page_cache(f)
     outs = {c: base / OURS[c][2] for c in OURS} | {"anchor": base / "anchor", "genai": base / "genai-int4"}
     fns = {c: (lambda c=c: run_ours(hf, outs[c], OURS[c][0], OURS[c][1])) for c in OURS}
     fns |= {"anchor": lambda: run_anchor(hf, outs["anchor"]), "genai": lambda: run_genai(hf, outs["genai"])}
