@@ -17,6 +17,14 @@ step). B = measured memory read bandwidth with 2 processes at once (one per core
 read per step = all initializer bytes, minus tables read only by a Gather (the embedding: one row per
 token); KV cache and activations (~1-2 %) are left out, so the bound is optimistic.
 
+Options for studies (issue 7): ``--extra "NAME DTYPE=PATH"`` adds any model file as a contender (e.g. a
+``graphkit apply`` output with a proposed pipeline), ``--only GLOB,...`` keeps only matching contenders,
+``--section SUFFIX`` writes ``runtime-SIZE-SUFFIX`` instead of ``runtime-SIZE``, and ``--profile`` adds a
+per-op-type table: onnxruntime's profiler (SessionOptions.enable_profiling) in a separate child per
+model, kernel time and kernel count per decode step (MatMulNBits split by K x N, bits, accuracy_level),
+averaged over the last 14 of 16 decode steps after the same 128-token prompt. Profiling adds overhead
+per kernel: compare shares and counts there, speeds in the main table.
+
 genai's graph declares its KV inputs as [batch, 2, past, 'kv_cache_dim']; Transformers.js (and our
 runner) turn unknown symbols into 0, which its GroupQueryAttention rejects, so the benchmark runs a
 copy of its model.onnx with that one dim set to the head size (the weights file is shared, unchanged).
@@ -137,6 +145,67 @@ def models(base: Path, diag: bool = False) -> dict[str, Path]:
     return found
 
 
+def profile_child(path: str, steps: int = 16, prompt_tokens: int = 128, threads: int = 2) -> dict:
+    """Per-op-type kernel time (us) and count per decode step, from onnxruntime's profiler."""
+    import collections
+    import os
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from graphkit.ortrun import DecoderRunner
+    labels = {}
+    for n in onnx.load(path, load_external_data=False).graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in n.attribute}
+            labels[n.name] = f"MatMulNBits K{a['K']}xN{a['N']} {a.get('bits', 4)}-bit acc{a.get('accuracy_level', 0)}"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.profile_file_prefix = str(C.WORK / f".profile-{os.getpid()}")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    runner = DecoderRunner(sess)
+    vocab = sess.get_outputs()[0].shape[-1]
+    vocab = vocab if isinstance(vocab, int) else 1000
+    ids = np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens), dtype=np.int64)
+    mask = np.ones_like(ids)
+    out = runner.step(ids, mask, runner.empty_past(1))
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1).reshape(1, 1).astype(np.int64)
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+        out = runner.step(nxt, mask, out.present)
+    trace = sess.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    Path(trace).unlink()
+    wins = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"][-(steps - 2):]
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if any(a <= e["ts"] <= b for a, b in wins):
+            op = labels.get(e["name"][:-len("_kernel_time")], e["args"].get("op_name", "?"))
+            agg[op][0] += 1
+            agg[op][1] += e["dur"]
+    n = len(wins)
+    return {"model_run_us": sum(b - a for a, b in wins) / n, "ops": {k: [c / n, d / n] for k, (c, d) in agg.items()}}
+
+
+def profile_table(found: dict[str, Path]) -> str:
+    parts = []
+    for name, path in found.items():
+        C.wait_quiet()
+        r = C.run_child("runtime.py", "profile", {"path": str(path)}, quiet=False)
+        tot = sum(d for _, d in r["ops"].values())
+        rows = [[op, f"{c:.0f}", f"{d / 1000:.3f}", f"{100 * d / tot:.1f}%"]
+                for op, (c, d) in sorted(r["ops"].items(), key=lambda kv: -kv[1][1]) if d / tot >= 0.002]
+        parts.append(f"**{name}**: model_run {r['model_run_us'] / 1000:.2f} ms/step under the profiler, kernels "
+                     f"{tot / 1000:.2f} ms, {sum(c for c, _ in r['ops'].values()):.0f} kernels/step\n\n"
+                     + C.table(["op (MatMulNBits by shape)", "kernels/step", "ms/step", "share"], rows))
+    return "\n\n".join(parts)
+
+
 def bench_one(path: Path, settings) -> dict:
     from graphkit.bench import run_child
     C.wait_quiet()
@@ -157,11 +226,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--diag", action="store_true", help="also run accuracy_level=4 copies: ours with it on the "
                     "8-bit lm_head MatMulNBits only, the anchor's q4 with it on every MatMulNBits")
+    ap.add_argument("--extra", action="append", default=[], help='"NAME DTYPE=PATH": one more contender')
+    ap.add_argument("--only", default="", help="comma-separated globs: keep only these contenders")
+    ap.add_argument("--section", default="", help="RESULTS.md section suffix (runtime-SIZE-SUFFIX)")
+    ap.add_argument("--profile", action="store_true", help="add per-op-type kernel time per decode step")
     a = ap.parse_args()
+    import fnmatch
     from graphkit.bench import BenchSettings, run_child
     base = C.WORK / f"qwen2.5-{a.size}"
     found = models(base, a.diag)
-    if not any(k.startswith("ours") for k in found) or not any(k.startswith("anchor") for k in found):
+    for spec in a.extra:
+        label, _, path = spec.partition("=")
+        if len(label.split()) != 2 or not Path(path).exists():
+            raise SystemExit(f"--extra {spec!r}: give 'NAME DTYPE=PATH' with an existing PATH")
+        found[label] = Path(path)
+    if a.only:
+        globs = [g.strip() for g in a.only.split(",") if g.strip()]
+        found = {k: v for k, v in found.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
+    if not found or not any(k.startswith("anchor") for k in found):
         raise SystemExit(f"no converted models in {base}; run benchmarks/conversion.py --size {a.size} first")
     s = BenchSettings(provider="cpu", prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
                       threads=a.threads)
@@ -177,22 +259,24 @@ def main() -> None:
         who, dtype = name.split()
         step = read_bytes_per_step(found[name])
         tps, dec, pre = C.med(rs, "tokens_per_s"), C.med(rs, "decode_ms_per_token"), C.med(rs, "prefill_ms")
-        anchor = runs.get(f"anchor {dtype}") if who.startswith("ours") else None
+        anchor = runs.get(f"anchor {dtype}") if who not in ("anchor", "genai") else None
+        genai = runs.get("genai int4") if who not in ("anchor", "genai") else None
         rows.append([name, C.mb(C.file_bytes(found[name])), f"{C.med(rs, 'load_s'):.1f}",
                      f"{C.mb(C.med(rs, 'rss_after_load_bytes'))} / {C.mb(C.med(rs, 'peak_rss_bytes'))}",
                      f"{pre:.0f}", f"{dec:.1f} ({min(r['decode_ms_per_token'] for r in rs):.1f})", f"{tps:.1f}",
                      C.ratio(pre, C.med(anchor, "prefill_ms")) if anchor else "—",
                      C.ratio(tps, C.med(anchor, "tokens_per_s")) if anchor else "—",
+                     C.ratio(tps, C.med(genai, "tokens_per_s")) if genai else "—",
                      C.mb(step), f"{B / step:.1f}", f"{100 * tps / (B / step):.0f}%",
                      " / ".join(f"{r['others_cores']:.2f}" for r in rs)])
     head = ["model", "file size", "load s", "RSS after load / peak", "prefill ms", "decode ms/tok median (best)",
-            "tok/s", "prefill ours/anchor", "tok/s ours/anchor", "weights read / token", "bound tok/s",
+            "tok/s", "prefill ours/anchor", "tok/s ours/anchor", "tok/s ours/genai", "weights read / token", "bound tok/s",
             "% of bound", "others (cores, per run)"]
     body = f"""## CPU runtime, random-weight Qwen2.5-{a.size} shape
 
 {C.machine()}
 
-Command: `.venv/bin/python benchmarks/runtime.py --size {a.size} --repeats {a.repeats}{' --diag' if a.diag else ''}`. onnxruntime CPU EP,
+Command: `.venv/bin/python benchmarks/runtime.py {' '.join(repr(x) if ' ' in x else x for x in sys.argv[1:])}`. onnxruntime CPU EP,
 {a.threads} intra-op threads, batch 1, prompt {a.prompt_tokens} random tokens, {a.new_tokens} greedy new tokens;
 medians of {a.repeats} alternating runs (fresh process each; load + warm-up generation untimed). Models from
 `benchmarks/conversion.py --size {a.size}` (ours = `graphkit convert`; ours-fuse = `graphkit convert --fuse`; anchor = export → MatMulNBitsQuantizer
@@ -208,11 +292,14 @@ Memory bandwidth: {bw['read_2proc']:.1f} GB/s read with 2 processes ({' + '.join
 
 {C.table(head, rows)}
 """
-    C.write_section(f"runtime-{a.size}", body)
+    if a.profile:
+        C.log("profiles")
+        body += "\n### Where decode time goes (onnxruntime profiler, per decode step)\n\n" + profile_table(found) + "\n"
+    C.write_section(f"runtime-{a.size}" + (f"-{a.section}" if a.section else ""), body)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "--child":
-        C.child_main({"bw": bw_child})
+        C.child_main({"bw": bw_child, "profile": profile_child})
     else:
         main()

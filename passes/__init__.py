@@ -8,10 +8,11 @@ from passes.fuse_rotary import FuseRotaryPass
 from passes.kv_rename import KvRenamePass
 from passes.matmul_int8 import MatMulInt8Pass
 from passes.matmul_nbits import MatMulNBitsPass
+from passes.pack_matmul import PackMatMulPass
 from passes.tied_embedding import TiedEmbeddingPass
 
 PASSES = {cls.name: cls for cls in (KvRenamePass, FuseRmsNormPass, FuseRotaryPass, FuseGqaPass, TiedEmbeddingPass,
-                                    MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
+                                    PackMatMulPass, MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
 
 __all__ = ["PASSES", "Fp16Pass", "FuseGqaPass", "FuseRmsNormPass", "FuseRotaryPass", "KvRenamePass",
-           "MatMulInt8Pass", "MatMulNBitsPass", "TiedEmbeddingPass"]
+           "MatMulInt8Pass", "MatMulNBitsPass", "PackMatMulPass", "TiedEmbeddingPass"]

@@ -16,6 +16,11 @@ already one row per token — and uses that single copy twice:
 Guarantee and tolerance: both uses see exactly ``dequantize_blockwise(packed, scales)`` — the
 embedding rows and the head's weight are the same dequantized matrix, within the quantization step
 of ``E`` (``|scale| / 2`` per element, one step on the symmetric short side; see ``passes/_quant``).
+Option ``symmetric=false`` stores per-block uint8 zero points (packed two per byte for 4 bits, as
+MatMulNBits' input 3 expects); the lookup gathers and unpacks them the same way, so both uses still
+see exactly ``dequantize_blockwise(packed, scales, zero_points)``. On the shipped example a 4-bit table
+with ``block_size=16, symmetric=false`` holds KL 7.1e-3 vs PyTorch (symmetric block 32: 1.0e-2; the
+anchor recipe's float table with a 4-bit head: 9.3e-3); see docs/accuracy-level.md.
 Run it before ``matmul-nbits`` (which otherwise keeps a shared head in float) and before ``fp16``.
 """
 from __future__ import annotations
@@ -37,6 +42,8 @@ class TiedEmbeddingOptions:
     bits: int = option(4, "bits for the shared table: 4 (smallest) or 8 (int4 heads can cause repetition)")
     block_size: int = option(32, "elements per quantization block along hidden: a power of two, 16..256")
     accuracy_level: int | None = option(None, "MatMulNBits accuracy_level for the lm_head (None: attribute omitted)")
+    symmetric: bool = option(True, "true: signed scale, implicit zero point (no zero_points tensor); false: per-block "
+                                   "min/max with uint8 zero points (MatMulNBits input 3; the lookup reads them too)")
 
 
 @dataclass
@@ -111,17 +118,20 @@ class TiedEmbeddingPass(GraphPass):
         inits = _inits(g)
         E = tensors.array(inits[tie.table])
         vocab, hidden = E.shape
-        packed, scales, _ = quantize_blockwise(E.T, o.bits, o.block_size, symmetric=True, name=tie.table)
+        packed, scales, zps = quantize_blockwise(E.T, o.bits, o.block_size, symmetric=o.symmetric, name=tie.table)
         kb = k_blocks(hidden, o.block_size)
         base = tie.table.replace("/", "_").strip("_") or "embed"
-        names = {k: f"{base}_{k}" for k in ("q", "scales")}
+        names = {k: f"{base}_{k}" for k in ("q", "scales", "zero_points")}
         new_inits = [numpy_helper.from_array(packed, names["q"]), numpy_helper.from_array(scales, names["scales"])]
+        if zps is not None:
+            new_inits.append(numpy_helper.from_array(zps, names["zero_points"]))
 
         # lm_head → MatMulNBits reading the shared packed table
         head_attrs = dict(K=hidden, N=vocab, bits=o.bits, block_size=o.block_size)
         if o.accuracy_level:
             head_attrs["accuracy_level"] = o.accuracy_level
-        head = helper.make_node("MatMulNBits", [tie.head.input[0], names["q"], names["scales"]], list(tie.head.output),
+        head_inputs = [tie.head.input[0], names["q"], names["scales"]] + ([names["zero_points"]] if zps is not None else [])
+        head = helper.make_node("MatMulNBits", head_inputs, list(tie.head.output),
                                 name=(tie.head.name or "lm_head") + "_tied_q", domain="com.microsoft", **head_attrs)
 
         # lookup → Gather packed rows + scales, unpack, dequantize
@@ -150,12 +160,26 @@ class TiedEmbeddingPass(GraphPass):
             levels = pair
         else:
             levels = as_float
-        centered = node("Sub", [levels, const("zero_point", np.array(float(1 << (o.bits - 1)), np.float32))], "centered")
         # [..., kb, blob(,2)] → [..., kb, block_size] via a shape computed at run time from the ids
         ids_shape = node("Shape", [ids], "ids_shape")
         block_shape = node("Concat", [ids_shape, const("block_shape", np.array([kb, o.block_size], np.int64))], "block_shape", axis=0)
-        blocks = node("Reshape", [centered, block_shape], "blocks")
-        scaled = node("Mul", [blocks, node("Unsqueeze", [row_scales, const("last_c", np.array([-1], np.int64))], "scale_u")], "scaled")
+        blocks = node("Reshape", [levels, block_shape], "blocks")
+        if zps is None:
+            centered = node("Sub", [blocks, const("zero_point", np.array(float(1 << (o.bits - 1)), np.float32))], "centered")
+        else:  # per-block zero points: [..., ceil(kb*bits/8)] packed like the weights, low nibble first
+            zrow = node("Cast", [node("Gather", [names["zero_points"], ids], "row_zp", axis=0)], "row_zp_f", to=TensorProto.FLOAT)
+            if o.bits == 4:
+                zhi = node("Floor", [node("Div", [zrow, const("sixteen_z", np.array(16.0, np.float32))], "zdiv16")], "zhi")
+                zlo = node("Sub", [zrow, node("Mul", [zhi, const("sixteen_zb", np.array(16.0, np.float32))], "zhi16")], "zlo")
+                zpair = node("Concat", [node("Unsqueeze", [zlo, const("last_z", np.array([-1], np.int64))], "zlo_u"),
+                                        node("Unsqueeze", [zhi, const("last_zb", np.array([-1], np.int64))], "zhi_u")], "zpair", axis=-1)
+                zshape = node("Concat", [ids_shape, const("zp_shape", np.array([2 * zps.shape[1]], np.int64))], "zp_shape", axis=0)
+                zrow = node("Reshape", [zpair, zshape], "zp_levels")
+                if 2 * zps.shape[1] != kb:
+                    zrow = node("Slice", [zrow, const("zstart", np.array([0], np.int64)), const("zend", np.array([kb], np.int64)),
+                                          const("zaxis", np.array([-1], np.int64))], "zp_sliced")
+            centered = node("Sub", [blocks, node("Unsqueeze", [zrow, const("last_zc", np.array([-1], np.int64))], "zp_u")], "centered")
+        scaled = node("Mul", [centered, node("Unsqueeze", [row_scales, const("last_c", np.array([-1], np.int64))], "scale_u")], "scaled")
         flat_shape = node("Concat", [ids_shape, const("flat", np.array([kb * o.block_size], np.int64))], "flat_shape", axis=0)
         flat = node("Reshape", [scaled, flat_shape], "flat")
         if kb * o.block_size != hidden:
@@ -183,9 +207,10 @@ class TiedEmbeddingPass(GraphPass):
         g.initializer.extend(kept + new_inits + consts)
         if not any(op.domain == "com.microsoft" for op in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        saved = E.nbytes * (2 if tie.transpose is None else 1) - packed.nbytes - scales.nbytes
+        saved = E.nbytes * (2 if tie.transpose is None else 1) - packed.nbytes - scales.nbytes - (0 if zps is None else zps.nbytes)
         return PassResult(model, True,
-                          f"table {tie.table} [{vocab}x{hidden}] stored once in {o.bits} bits; lm_head {tie.head.name} → MatMulNBits; "
+                          f"table {tie.table} [{vocab}x{hidden}] stored once in {o.bits} bits (block {o.block_size}, "
+                          f"{'symmetric' if o.symmetric else 'zero points'}); lm_head {tie.head.name} → MatMulNBits; "
                           f"{saved / 2**20:.1f} MB saved",
                           {"table": tie.table, "removed": removed, "bytes_saved": int(saved)})
 

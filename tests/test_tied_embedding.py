@@ -37,17 +37,20 @@ def run(model, feeds):
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("bits,block", [(4, 32), (8, 32), (4, 16), (8, 64)])
-def test_lookup_and_head_use_the_same_dequantized_table(shared, bits, block):
-    model, E = tied_graph(shared=shared)
-    result = TiedEmbeddingPass(bits=bits, block_size=block)(model)
+@pytest.mark.parametrize("bits,block,symmetric", [(4, 32, True), (8, 32, True), (4, 16, True), (8, 64, True),
+                                                  (4, 16, False), (4, 32, False), (8, 16, False)])
+def test_lookup_and_head_use_the_same_dequantized_table(shared, bits, block, symmetric):
+    model, E = tied_graph(shared=shared)  # hidden 40: k_blocks 3 at block 16 (odd: a zero-point nibble unused), 2 at 32
+    result = TiedEmbeddingPass(bits=bits, block_size=block, symmetric=symmetric)(model)
     assert result.modified
     ops = [n.op_type for n in result.model.graph.node]
     assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops and "Transpose" not in ops
     names = {t.name for t in result.model.graph.initializer}
     assert "E" not in names and "Et" not in names  # the float table is gone: stored once, quantized
-    packed, scales, _ = quantize_blockwise(E.T, bits, block)
-    Eq = dequantize_blockwise(packed, scales, None, bits, block, E.shape[1]).T  # [vocab, hidden]
+    packed, scales, zps = quantize_blockwise(E.T, bits, block, symmetric=symmetric)
+    assert (zps is None) == symmetric and (zps is None or any(n.op_type == "MatMulNBits" and len(n.input) == 4
+                                                              for n in result.model.graph.node))
+    Eq = dequantize_blockwise(packed, scales, zps, bits, block, E.shape[1]).T  # [vocab, hidden]
     ids = np.array([[0, 7, 49, 3], [1, 1, 2, 48]], np.int64)
     logits, emb = run(result.model, {"ids": ids})
     np.testing.assert_allclose(emb, Eq[ids], rtol=0, atol=1e-6)
