@@ -99,8 +99,22 @@ def fused(tmp_path_factory):
     return out
 
 
+WEBGPU_GQA = pytest.mark.xfail(strict=True, reason=(
+    "known bug, open: on graphkit verify's default prompts, onnxruntime-web's WebGPU GroupQueryAttention gives "
+    "other tokens than onnxruntime CPU on the shipped model (4/2 heads, head_dim 32): divergence at token 0 with a "
+    "top-2 margin of 0.93, with and without the attention bias; fuse-rmsnorm, fuse-rotary and pack-matmul alone "
+    "match, and the golden prompts match (test above). strict: fails loudly once WebGPU agrees"))
+
+
+@WEBGPU_GQA
+def test_fused_webgpu_on_verify_default_prompts(fused):
+    from graphkit.verify import browser_check
+    rows = browser_check(fused, None, 16, ["fp32"], ["webgpu"])
+    assert rows and all(r["status"] == "pass" for r in rows), rows
+
+
 @pytest.mark.parametrize("client,device,dtype", [("node", "cpu", "fp32"), ("node", "cpu", "q4"), ("node", "cpu", "q4f16"),
-                                                 ("chromium", "wasm", "q4")])
+                                                 ("chromium", "wasm", "q4"), ("chromium", "webgpu", "fp32")])
 def test_fused_variants_in_transformersjs(case, fused, client, device, dtype):
     import onnx
     _, prompts, eos = case
