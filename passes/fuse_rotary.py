@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
 from passes.fuse_rmsnorm import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
@@ -299,7 +300,7 @@ class FuseRotaryPass(GraphPass):
                         and np.array_equal(c[0], cos) and np.array_equal(c[1], sin)), None)
             if hit is None:
                 cn, sn = gi.fresh("rotary_cos_cache", taken), gi.fresh("rotary_sin_cache", taken)
-                new_inits += [numpy_helper.from_array(cos, cn), numpy_helper.from_array(sin, sn)]
+                new_inits += [tensors.new_tensor(cos, cn), tensors.new_tensor(sin, sn)]
                 hit = (cos, sin, cn, sn)
                 caches.append(hit)
             r.cache = (hit[2], hit[3])

@@ -168,14 +168,15 @@ class PackMatMulPass(GraphPass):
             base = (first.name or first.output[0]) + "_packed"
             ws = [tensors.array(inits[m.weight]) for m in ms]
             wname = fresh(f"{base}_weight")
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(np.concatenate(ws, axis=1)), wname))
+            new_inits.append(tensors.new_tensor(np.ascontiguousarray(np.concatenate(ws, axis=1)), wname))
+            dtype = ws[0].dtype
+            del ws  # one group's weights in memory at a time (spilled to disk inside tensors.spill_to)
             old_weights.update(m.weight for m in ms)
             nodes = []
             mm_out = fresh(f"{base}_out")
             nodes.append(helper.make_node("MatMul", [first.input[0], wname], [mm_out], name=fresh(base)))
             split_in = mm_out
             if any(m.bias is not None for m in ms):
-                dtype = ws[0].dtype
                 bs = [tensors.array(inits[m.bias]).astype(dtype, copy=False) if m.bias is not None
                       else np.zeros(m.n, dtype) for m in ms]
                 bname = fresh(f"{base}_bias")

@@ -176,7 +176,8 @@ def test_lazy_model_through_passes_and_in_place_apply(tmp_path, exported_example
     assert np.abs(_logits(src, ids) - ref).max() < 0.5  # 8-bit weights: close (stale or misread data: far off)
 
 
-@pytest.mark.parametrize("spec", ["fp16", "matmul-nbits(bits=4,block_size=32)", "matmul-int8(quantize_embedding_gather=true)"])
+@pytest.mark.parametrize("spec", ["fp16", "matmul-nbits(bits=4,block_size=32)", "matmul-int8(quantize_embedding_gather=true)",
+                                  "pack-matmul", "fuse-rmsnorm,fuse-rotary,fuse-gqa(padding=bias)"])
 def test_passes_keep_weights_out_of_memory(tmp_path, exported_example, monkeypatch, spec):
     """Memory-frugal contract: on a lazily loaded model inside spill_to, no pass puts a large weight
     into the proto (it reads the ones it changes from disk and stages the new ones on disk), and the
