@@ -21,7 +21,7 @@ import onnx
 
 from graphkit.errors import GraphkitError
 from graphkit.hfmodel import load_causal_lm
-from graphkit.modelio import load_model, save_model
+from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, save_model
 
 Exporter = Literal["dynamo", "torchscript"]
 
@@ -161,10 +161,13 @@ def export_model(model_dir: str | Path, output: str | Path, adapter_dir: str | P
     keeps its weights in external data (``<file>_data``)."""
     step = progress or (lambda msg: None)
     if stream and exporter == "dynamo" and not allow_pickle and not trust_remote_code:
-        from graphkit.stream_export import StreamingUnsupported, export_streaming
+        from graphkit.hfmodel import check_model_dir
+        from graphkit.stream_export import SafetensorsWeights, StreamingUnsupported, export_streaming
         output = Path(output)
         try:
-            if external_data or (external_data is None and _fp32_bytes(Path(model_dir)) > 2**31 - 64 * 2**20):
+            check_model_dir(Path(model_dir))  # clear errors before the headers are read
+            fp32_bytes = SafetensorsWeights(Path(model_dir)).fp32_nbytes()
+            if external_data or (external_data is None and fp32_bytes > PROTOBUF_LIMIT - 64 * 2**20):
                 # external data either way: stream straight into place, no second copy
                 return export_streaming(Path(model_dir), output, Path(adapter_dir) if adapter_dir else None,
                                         max_chunk_bytes=max_chunk_bytes, progress=step)
@@ -173,7 +176,7 @@ def export_model(model_dir: str | Path, output: str | Path, adapter_dir: str | P
                                            Path(adapter_dir) if adapter_dir else None, progress=step)
                 step(f"writing {output}")
                 written = save_model(load_model(Path(tmp) / "model.onnx", load_external="lazy"), output,
-                                     external_data=external_data, **({"max_chunk_bytes": max_chunk_bytes} if max_chunk_bytes else {}))
+                                     external_data=external_data, max_chunk_bytes=max_chunk_bytes or DEFAULT_CHUNK_BYTES)
             summary.update(output=str(output), files=[str(p) for p in written])
             return summary
         except StreamingUnsupported as exc:
@@ -204,25 +207,6 @@ def _export_in_memory(model_dir, output, adapter_dir, exporter: Exporter, allow_
     return {"output": str(output), "files": [str(p) for p in written], "exporter": exporter,
             "load_s": round(t_load, 2), "total_s": round(time.perf_counter() - t0, 2),
             "num_layers": config.num_hidden_layers}
-
-
-def _fp32_bytes(model_dir: Path) -> int:
-    """The model's weights in float32, from the safetensors headers (without reading the data)."""
-    import json
-    total = 0
-    for f in model_dir.glob("*.safetensors"):
-        try:
-            with open(f, "rb") as fh:
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        except (OSError, ValueError):
-            continue
-        for key, info in header.items():
-            if key != "__metadata__":
-                count = 1
-                for d in info.get("shape", []):
-                    count *= d
-                total += 4 * count
-    return total
 
 
 def _scratch_dir(output: Path) -> str | None:

@@ -335,37 +335,14 @@ def _write_single_file(model: onnx.ModelProto, path: Path) -> None:
     lazy one read from disk just for its fragment): memory holds one tensor, not the whole model
     twice as ``SerializeToString`` would."""
     from graphkit.tensors import is_external, read_bytes
-    skeleton = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if field.is_repeated:
-            getattr(skeleton, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(skeleton, field.name).CopyFrom(value)
-        else:
-            setattr(skeleton, field.name, value)
-    for field, value in model.graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if field.is_repeated:
-            getattr(skeleton.graph, field.name).extend(value)
-        else:
-            setattr(skeleton.graph, field.name, value)
-    if not model.graph.initializer and not skeleton.HasField("graph"):
-        skeleton.graph.SetInParent()
+    skeleton = _without_initializers(model)
     with open(path, "wb") as fh:
         fh.write(skeleton.SerializeToString())
         for t in model.graph.initializer:
             fragment = onnx.ModelProto()
             item = fragment.graph.initializer.add()
             if is_external(t):
-                for field, value in t.ListFields():
-                    if field.name not in ("external_data", "data_location", "raw_data"):
-                        if field.is_repeated:
-                            getattr(item, field.name).extend(value)
-                        else:
-                            setattr(item, field.name, value)
+                _copy_fields(t, item, skip=("external_data", "data_location", "raw_data"))
                 item.raw_data = read_bytes(t)
             else:
                 item.CopyFrom(t)
@@ -468,6 +445,28 @@ def _set_external(tensor: TensorProto, location: str, offset: int, length: int) 
 SKELETON_MIN_BYTES = 2**16
 
 
+def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose top-level graph has no initializers (nothing large is copied)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer",))
+    out.graph.SetInParent()
+    return out
+
+
 def graph_skeleton(model: onnx.ModelProto, min_bytes: int = SKELETON_MIN_BYTES) -> onnx.ModelProto:
     """A copy of the model without its large weights: each initializer of at least ``min_bytes``
     (in memory or on disk) becomes a graph input of the same name, type and shape.
@@ -477,19 +476,8 @@ def graph_skeleton(model: onnx.ModelProto, min_bytes: int = SKELETON_MIN_BYTES) 
     apply, and lazy external references (absolute paths, which the checker refuses) stay out of it.
     """
     from graphkit.tensors import is_external, nbytes
-    skel = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            getattr(skel, field.name).CopyFrom(value) if field.type == field.TYPE_MESSAGE and not field.is_repeated \
-                else (getattr(skel, field.name).extend(value) if field.is_repeated else setattr(skel, field.name, value))
+    skel = _without_initializers(model)
     g, sg = model.graph, skel.graph
-    for field, value in g.ListFields():
-        if field.name == "initializer":
-            continue
-        if field.is_repeated:
-            getattr(sg, field.name).extend(value)
-        else:
-            setattr(sg, field.name, value)
     for t in g.initializer:
         if is_external(t) or nbytes(t) >= min_bytes:
             sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

@@ -75,6 +75,10 @@ class SafetensorsWeights:
     def keys(self) -> set[str]:
         return set(self._where)
 
+    def fp32_nbytes(self) -> int:
+        """Bytes of all tensors once widened to float32 (from the headers; nothing is read)."""
+        return sum(4 * math.prod(info["shape"]) for _, info, _ in self._where.values())
+
     def get(self, key: str) -> np.ndarray:
         path, info, data_start = self._where[key]
         dtype = self._DTYPES.get(info["dtype"])
@@ -264,7 +268,6 @@ def export_streaming(model_dir: Path, output: Path, adapter_dir: Path | None = N
 
     from graphkit.export import _finalize
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, ExternalDataWriter, atomic_output_dir, check_model
-    from graphkit.tensors import make_lazy
     step = progress or (lambda msg: None)
     _offline_env()
     t0 = time.perf_counter()
@@ -319,8 +322,7 @@ def export_streaming(model_dir: Path, output: Path, adapter_dir: Path | None = N
         onnx_tmp = tmp / output.name
         with open(onnx_tmp, "wb") as fh:
             fh.write(proto.SerializeToString())
-        make_lazy(proto, tmp)
-        check_model(proto)
+        check_model(proto)  # external weights stand aside as inputs (graph_skeleton): files not opened
         stale = [p for p in output.parent.glob(output.name + "_data*") if p.is_file()]
         output.unlink(missing_ok=True)
         for p in stale:

@@ -145,7 +145,7 @@ class GraphIndex:
             for x in n.input:
                 if x:
                     self.consumers.setdefault(x, []).append(n)
-        self.subgraph_reads = _subgraph_reads(g)
+        self.subgraph_reads = subgraph_reads(g)
         self.info = infer_value_info(model) if with_info else {}
 
     # ------------------------------------------------------------------ structure
@@ -246,7 +246,7 @@ def _to_array(t: TensorProto) -> np.ndarray:
     return tensors.array(t)
 
 
-def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
+def subgraph_reads(g: onnx.GraphProto) -> set[str]:
     """Names read inside If/Loop/Scan bodies (they may refer to outer-scope tensors)."""
     reads: set[str] = set()
 
@@ -298,7 +298,7 @@ def remove_unused(model: onnx.ModelProto, candidates: set[str] | None = None) ->
     removed = 0
     allowed = None if candidates is None else set(candidates)
     while True:
-        used = outputs | _subgraph_reads(g) | {i for n in g.node for i in n.input if i}
+        used = outputs | subgraph_reads(g) | {i for n in g.node for i in n.input if i}
         dead = [i for i, n in enumerate(g.node)
                 if n.output and (allowed is None or any(o in allowed for o in n.output))
                 and not any(o and o in used for o in n.output)
@@ -311,7 +311,7 @@ def remove_unused(model: onnx.ModelProto, candidates: set[str] | None = None) ->
                 allowed.update(x for x in n.input if x)  # what fed a removed node may now be dead too
             del g.node[i]
             removed += 1
-    used = outputs | _subgraph_reads(g) | {i for n in g.node for i in n.input if i}
+    used = outputs | subgraph_reads(g) | {i for n in g.node for i in n.input if i}
     graph_inputs = {i.name for i in g.input}
     dead_inits = [k for k, t in enumerate(g.initializer) if t.name not in used and t.name not in graph_inputs]
     for k in reversed(dead_inits):
@@ -698,7 +698,7 @@ class FuseRmsNormPass(GraphPass):
                     raise PostconditionError(f"fuse-rmsnorm: node '{n.name}' reads missing tensor(s) {missing}")
         if found != len(created):
             raise PostconditionError(f"fuse-rmsnorm: {len(created) - found} fused node(s) missing from the result")
-        dangling = [x for n in g.node for x in n.input if x and x not in available and x not in _subgraph_reads(g)]
+        dangling = [x for n in g.node for x in n.input if x and x not in available and x not in subgraph_reads(g)]
         if dangling:
             raise PostconditionError("fuse-rmsnorm: the rewrite left reads of removed tensors: "
                                      f"{sorted(set(dangling))[:5]}")

@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
+from passes.fuse_rmsnorm import subgraph_reads
 
 ONNX_DOMAINS = ("", "ai.onnx")
 _FLOAT = {TensorProto.FLOAT, TensorProto.FLOAT16}
@@ -89,7 +90,7 @@ class PackMatMulPass(GraphPass):
             for x in n.input:
                 if x:
                     readers.setdefault(x, []).append(n)
-        sub_reads = _subgraph_reads(g)
+        sub_reads = subgraph_reads(g)
 
         def weight(name: str) -> TensorProto | None:
             t = inits.get(name)
@@ -210,7 +211,7 @@ class PackMatMulPass(GraphPass):
                 new_nodes.append(n)
         del g.node[:]
         g.node.extend(new_nodes)
-        used = {x for n in g.node for x in n.input} | {o.name for o in g.output} | _subgraph_reads(g)
+        used = {x for n in g.node for x in n.input} | {o.name for o in g.output} | subgraph_reads(g)
         kept = [t for t in g.initializer if t.name in used or t.name not in old_weights]
         removed = [t.name for t in g.initializer if t.name not in used and t.name in old_weights]
         del g.initializer[:]
@@ -233,7 +234,7 @@ class PackMatMulPass(GraphPass):
         g = model.graph
         available = ({i.name for i in g.input} | {t.name for t in g.initializer}
                      | {o for n in g.node for o in n.output if o})
-        missing = [x for n in g.node for x in n.input if x and x not in available and x not in _subgraph_reads(g)]
+        missing = [x for n in g.node for x in n.input if x and x not in available and x not in subgraph_reads(g)]
         if missing:
             raise PostconditionError(f"pack-matmul: the rewrite left reads of removed tensors: {sorted(set(missing))[:5]}")
         names = {n.name for n in g.node}
@@ -242,31 +243,9 @@ class PackMatMulPass(GraphPass):
             raise PostconditionError(f"pack-matmul: {len(lost)} packed node(s) missing from the result")
 
 
-def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
-    reads: set[str] = set()
-
-    def walk(sub: onnx.GraphProto) -> None:
-        for n in sub.node:
-            reads.update(i for i in n.input if i)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for s in a.graphs:
-                        walk(s)
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                walk(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for s in a.graphs:
-                    walk(s)
-    return reads
-
-
 def _toposort_check(g: onnx.GraphProto) -> None:
     """Every node reads only tensors produced before it (the splice keeps order; assert it)."""
-    seen = {i.name for i in g.input} | {t.name for t in g.initializer} | _subgraph_reads(g) | {""}
+    seen = {i.name for i in g.input} | {t.name for t in g.initializer} | subgraph_reads(g) | {""}
     for n in g.node:
         for x in n.input:
             if x not in seen:

@@ -4,26 +4,9 @@
 // Node, bench_page.html imports it in Chromium, and both pass in the Transformers.js module they loaded.
 // The prompt is given as token ids (input_ids + an all-ones attention_mask go straight to generate(), no
 // tokenizer), so every client and every model sees exactly the same 128 ids.
-import { greedyKwargs } from './harness_core.mjs';
+import { greedyKwargs, marginRecorder } from './harness_core.mjs';
 
 const now = () => globalThis.performance.now();
-
-/** Per generated token: best minus second-best logit (after EOS masking), as harness_core records it. */
-function marginRecorder(margins) {
-  return (inputIds, logits) => {
-    const data = logits.data;
-    const vocab = logits.dims.at(-1);
-    if (data.length !== vocab) return logits;
-    let b1 = -Infinity;
-    let b2 = -Infinity;
-    for (let k = 0; k < vocab; ++k) {
-      const v = data[k];
-      if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
-    }
-    margins.push(Math.round((b1 - b2) * 1e5) / 1e5);
-    return logits;
-  };
-}
 
 async function timedGenerate(model, T, promptIds, newTokens) {
   const n = promptIds.length;

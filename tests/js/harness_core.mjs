@@ -50,7 +50,7 @@ function toNumberArray(tensor) {
  * suppressed) that records, per generated token, the gap between the best and second-best logit. Greedy ids
  * from two runtimes can legitimately differ where this margin is ~0 (near-tie), so tests can use it.
  */
-function marginRecorder(margins) {
+export function marginRecorder(margins) {
   return (inputIds, logits) => {
     const data = logits.data;
     const vocab = logits.dims.at(-1);
