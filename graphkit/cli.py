@@ -130,23 +130,25 @@ def convert(
     no_agreement: bool = typer.Option(False, "--no-agreement", help="Skip the agreement-with-fp32 check in the summary."),
     fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
+    pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
     try:
-        from graphkit.convert import convert as run_convert, parse_dtypes, render
+        from graphkit.convert import convert as run_convert, parse_dtypes, parse_pipeline_overrides, render
         if model_dir is None:
             from graphkit.examples import example_dir
             model_dir = example_dir() / "base"
             adapter = adapter or example_dir() / "adapter"
         dtype_list = parse_dtypes(dtypes)
+        overrides = parse_pipeline_overrides(pipeline or [])
         with err.status("converting") as status:
             def progress(msg: str) -> None:
                 err.print(f"• {msg}", soft_wrap=True, markup=False)
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
-                                  progress=progress)
+                                  progress=progress, pipelines=overrides)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

@@ -65,6 +65,7 @@ class DtypeResult:
     top1_vs_fp32: float | None = None
     kl_vs_fp32: float | None = None
     error: str | None = None
+    pipeline: str | None = None  # the full pass spec that made this file ("" = the export itself)
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -75,12 +76,37 @@ def parse_dtypes(text: str) -> list[str]:
     return dtypes
 
 
-def pipeline_spec(dtype: str, fuse: bool, model_dir: Path) -> str:
+def parse_pipeline_overrides(items: list[str]) -> dict[str, str]:
+    """``DTYPE=SPEC`` items (``--pipeline``) → {dtype: spec}; each spec is parsed now, so a typo fails
+    before the export starts."""
+    from graphkit.pipeline import parse_spec
+    out: dict[str, str] = {}
+    for item in items:
+        dtype, sep, spec = item.partition("=")
+        dtype, spec = dtype.strip(), spec.strip()
+        if not sep or dtype not in PIPELINES:
+            raise GraphkitError(f"--pipeline {item!r}: expected DTYPE=SPEC with DTYPE one of {', '.join(PIPELINES)}, "
+                                f"e.g. \"q4={PIPELINES['q4']}\"")
+        if dtype == "fp32":
+            raise GraphkitError("--pipeline: fp32 is the export itself (model.onnx); give a pipeline for another dtype")
+        if dtype in out:
+            raise GraphkitError(f"--pipeline: {dtype} given twice")
+        try:
+            parse_spec(spec)
+        except GraphkitError as exc:
+            raise GraphkitError(f"--pipeline {dtype}: {exc}") from None
+        out[dtype] = spec
+    return out
+
+
+def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, str] | None = None) -> str:
+    """The pass spec for ``dtype``: ``overrides`` (``--pipeline``) or PIPELINES, after FUSE_PREFIX with --fuse."""
+    spec = (overrides or {}).get(dtype, PIPELINES[dtype])
     if not fuse:
-        return PIPELINES[dtype]
+        return spec
     from graphkit.hfmodel import read_json
     positions = int(read_json(Path(model_dir) / "config.json", "").get("max_position_embeddings", 32768))
-    return ",".join(p for p in (FUSE_PREFIX.format(max_positions=positions), PIPELINES[dtype]) if p)
+    return ",".join(p for p in (FUSE_PREFIX.format(max_positions=positions), spec) if p)
 
 
 def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], external: dict[str, int]) -> None:
@@ -143,7 +169,7 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
-            progress: Callable[[str], None] | None = None) -> dict:
+            progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None) -> dict:
     from graphkit import tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
@@ -173,11 +199,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
-        specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir)) for d in dtypes}
+        specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir, pipelines)) for d in dtypes}
         with tensors.spill_to(tmp / ".spill", f"converting into {output}"):  # new weights go to disk, not into the proto
             for i, dtype in enumerate(dtypes):
                 fname = DTYPE_FILES[dtype]
-                spec = pipeline_spec(dtype, fuse, model_dir)
+                spec = pipeline_spec(dtype, fuse, model_dir, pipelines)
                 step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
                 t0 = time.perf_counter()
                 reset_peak()
@@ -213,12 +239,13 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         peak = max(peak, export_peak)
                     results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
-                                               [r.name.split("(")[0] for r in reports], peak))
+                                               [r.name.split("(")[0] for r in reports], peak, pipeline=spec))
                 except GraphkitError as exc:
                     previous = None
                     for f in onnx_dir.glob(fname + "*"):
                         f.unlink()
-                    results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2), error=str(exc)))
+                    results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2),
+                                               error=str(exc), pipeline=spec))
                     step(f"{dtype}: FAILED: {exc}")
             previous = None
         shutil.rmtree(scratch.parent, ignore_errors=True)

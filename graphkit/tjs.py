@@ -132,3 +132,50 @@ def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages
                        decode_ms_per_token=[r.get("decode_ms_per_token") for r in res["results"]])
             rows.append(row)
     return rows
+
+
+_NP_TO_ORT = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int64): "int64",
+              np.dtype(np.int32): "int32", np.dtype(np.int8): "int8", np.dtype(np.uint8): "uint8",
+              np.dtype(np.bool_): "bool"}
+_ORT_TO_NP = {v: k for k, v in _NP_TO_ORT.items()}
+
+
+def run_model(model: Path, feeds: dict[str, np.ndarray], device: str = "webgpu", timeout_s: int = 600,
+              hide_features: tuple[str, ...] = ()) -> dict:
+    """Run one ONNX file once in Transformers.js's runtimes: onnxruntime-web in headless Chromium (``webgpu`` or
+    ``wasm``) or onnxruntime-node (``node``). Returns ``{"outputs": {name: array}, "adapter": ..., ...}``.
+
+    For node-by-node comparisons with Python onnxruntime (expose intermediate tensors as graph outputs first).
+    ``hide_features`` (webgpu): adapter features hidden from onnxruntime-web, e.g. ``("subgroups",)``."""
+    import base64
+    if not (HARNESS / "node_modules" / "@huggingface" / "transformers").is_dir():
+        raise GraphkitError(f"{HARNESS}: Transformers.js is not installed; run `bash scripts/setup.sh`")
+    payload = {}
+    for name, arr in feeds.items():
+        arr = np.ascontiguousarray(arr)
+        payload[name] = {"type": _NP_TO_ORT[arr.dtype], "dims": list(arr.shape),
+                         "b64": base64.b64encode(arr.tobytes()).decode()}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(payload, fh)
+        feeds_path = fh.name
+    cmd = ["node", str(HARNESS / "ort_run.mjs"), "--model", str(Path(model).resolve()), "--feeds", feeds_path,
+           "--device", device, "--timeout-s", str(max(timeout_s - 20, 10))]
+    if hide_features:
+        cmd += ["--hide-features", ",".join(hide_features)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        Path(feeds_path).unlink(missing_ok=True)
+    try:
+        data = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        raise GraphkitError(f"{model}: ort_run ({device}) printed no result (exit {res.returncode}): "
+                            f"{res.stderr.strip()[-500:]}") from None
+    if "error" in data:
+        raise GraphkitError(f"{model}: onnxruntime ({device}) failed: {data['error']}")
+    outs = {}
+    for name, t in data["outputs"].items():
+        dt = _ORT_TO_NP[t["type"]]
+        outs[name] = np.frombuffer(base64.b64decode(t["b64"]), dtype=dt).reshape(t["dims"])
+    data["outputs"] = outs
+    return data

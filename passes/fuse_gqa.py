@@ -61,7 +61,10 @@ onnxruntime 1.32 CPU, and the builds Transformers.js 4.3.1 ships (onnxruntime-no
 onnxruntime-web 1.31-dev wasm), fp32 and q4f16 with a float16 KV cache. Known failure: fp16 with
 ``keep_io_types`` (fp32 KV cache Cast to fp16 in front of GQA) fails in onnxruntime-node 1.30 /
 -web 1.31 with "Shape mismatch attempting to re-use buffer {1,2,0,16} != {1,2,6,16}" (GQA reuses the
-Cast output's buffer for ``present``); onnxruntime 1.32 runs it. WebGPU was not available to test.
+Cast output's buffer for ``present``); onnxruntime 1.32 runs it. WebGPU (onnxruntime-web 1.31-dev, tested only on
+SwiftShader, subgroup size 4): single-token decode and chunks under 32 tokens are exact; prefill of 32+ tokens is
+wrong on adapters with subgroup size < 8 (an upstream flash-attention shader bug, tests/test_gqa_runtimes.py; packed
+QKV with ``do_rotary=1`` takes the same path and is equally wrong there).
 Not matched (reported): q/k norms inside attention (Qwen3), sliding-window or bidirectional masks,
 packed QKV projections, attention without a KV cache.
 """

@@ -144,3 +144,32 @@ def test_failed_dtype_leaves_no_file(tmp_path, monkeypatch):
 def test_unknown_dtype(tmp_path):
     res = _cli("convert", "--output", tmp_path / "o", "--dtypes", "q3")
     assert res.returncode == 2 and "q3" in res.stderr and not (tmp_path / "o").exists()
+
+
+HEAD4_Q4 = ("tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),"
+            "matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)")
+
+
+def test_pipeline_override_replaces_one_dtype(tmp_path):
+    """--pipeline q4=SPEC: the q4 file is made by that spec (a 4-bit shared table here), the others as usual."""
+    import onnx
+    out = tmp_path / "o"
+    res = _cli("convert", "--output", out, "--dtypes", "fp32,q4", "--pipeline", f"q4={HEAD4_Q4}", "--json",
+               "--no-agreement")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    by = {d["dtype"]: d for d in summary["dtypes"]}
+    assert [p.split("(")[0] for p in by["q4"]["passes"]] == ["tied-embedding", "matmul-nbits"]
+    assert by["q4"]["pipeline"] == HEAD4_Q4 and by["fp32"]["pipeline"] == ""
+    m = onnx.load(str(out / "onnx" / "model_q4.onnx"))
+    head = [n for n in m.graph.node if n.op_type == "MatMulNBits"
+            and next(a.i for a in n.attribute if a.name == "N") == 2048]
+    assert head and all(next(a.i for a in n.attribute if a.name == "bits") == 4 for n in head)
+
+
+@pytest.mark.parametrize("item,needle", [("q3=fp16", "DTYPE one of"), ("q4", "DTYPE=SPEC"),
+                                         ("fp32=fp16", "fp32 is the export"), ("q4=matmul-nbit", "unknown pass")])
+def test_pipeline_override_errors_before_export(tmp_path, item, needle):
+    res = _cli("convert", "--output", tmp_path / "o", "--dtypes", "fp32,q4", "--pipeline", item)
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
