@@ -235,6 +235,20 @@ def anchor_export(model_dir: str, out: str, adapter: str | None = None) -> dict:
     return {}
 
 
+def merged_hf_folder(model_dir: str, adapter: str, out: str) -> dict:
+    """The base model with the adapter merged (peft ``merge_and_unload``), saved as a Hugging Face folder with the
+    base's tokenizer files: the input other tools (onnxruntime-genai's builder) take."""
+    import shutil
+    from graphkit.hfmodel import load_causal_lm
+    model, _ = load_causal_lm(Path(model_dir), Path(adapter))
+    fresh_dir(Path(out))
+    model.save_pretrained(out)
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copy(f, Path(out) / f.name)
+    return {}
+
+
 def anchor_q4(src: str, out: str, accuracy_level: int | None = None) -> dict:
     """``MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True).process()`` then save."""
     import onnx
@@ -373,7 +387,7 @@ def run_tree(cmd: list[str], timeout: float | None = None, poll_s: float = 0.5) 
 
 
 if __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[1] == "--child":
-    child_main(ANCHOR_STEPS)
+    child_main({**ANCHOR_STEPS, "merged_hf_folder": merged_hf_folder})
 
 
 def warm_page_cache(path: Path, block: int = 64 * 2**20) -> None:

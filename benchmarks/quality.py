@@ -17,6 +17,10 @@ Anchors (Transformers.js's conversion recipe, applied to the same merged model):
 * q4: ``MatMulNBitsQuantizer(fp32, block_size=32, is_symmetric=True)``; q4f16: fp16 of that q4;
 * q8: optimum-style dynamic int8, ``quantize_dynamic(per_channel=False, reduce_range=False)`` with
   ``weight_type=QUInt8`` (and a QInt8 row), default op types (MatMul and Gather are quantized).
+
+The other tool users pick for speed, scored the same way where it is installed: onnxruntime-genai's builder
+``-p int4 -e cpu`` on the merged model (saved as a Hugging Face folder), run by the same onnxruntime loop with
+its KV head dim made static (benchmarks/runtime.genai_model).
 """
 from __future__ import annotations
 
@@ -48,6 +52,24 @@ def build_anchor(base: Path, adapter: Path, out: Path) -> dict[str, Path]:
     return f
 
 
+def build_genai(base: Path, adapter: Path, work: Path) -> Path | None:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        C.log("onnxruntime-genai is not importable: its row is left out")
+        return None
+    from runtime import genai_model
+    merged, out = work / "merged-hf", work / "genai-int4"
+    C.log("genai: merged model → onnxruntime_genai.models.builder -p int4 -e cpu")
+    C.run_child("_common.py", "merged_hf_folder", {"model_dir": str(base), "adapter": str(adapter), "out": str(merged)})
+    C.fresh_dir(out)
+    r = C.run_cmd([C.PY, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out), "-p", "int4",
+                   "-e", "cpu", "-c", str(work / "genai-cache")])
+    if r["rc"] != 0:
+        raise SystemExit(f"genai builder failed:\n{r['stderr'][-3000:]}")
+    return genai_model(out)
+
+
 def score(path: Path, cases, refs) -> dict:
     import numpy as np
     from graphkit.ortrun import DecoderRunner, kl_divergence
@@ -66,6 +88,8 @@ def score(path: Path, cases, refs) -> dict:
 
 
 def main() -> None:
+    import argparse
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray arguments
     base, adapter = C.EXAMPLE / "base", C.EXAMPLE / "adapter"
     if not (adapter / "adapter_model.safetensors").exists() or not GOLDEN.exists():
         raise SystemExit(f"needs {adapter}/adapter_model.safetensors and {GOLDEN} (build the shipped example first)")
@@ -81,6 +105,7 @@ def main() -> None:
         raise SystemExit(f"graphkit convert failed:\n{r['stderr'][-3000:]}")
     ours = {d: work / "ours" / "onnx" / f for d, f in OURS_FILES.items()}
     anchor = build_anchor(base, adapter, work / "anchor")
+    genai = build_genai(base, adapter, work)
 
     C.log("PyTorch reference (merged adapter, fp32)")
     from graphkit.verify import TorchReference
@@ -89,6 +114,9 @@ def main() -> None:
     ref = TorchReference(base, adapter)
     refs = [ref.logits(p, c) for p, c in cases]
     scores = {}
+    if genai:
+        C.log("scoring genai int4")
+        scores[("genai", "int4")] = score(genai, cases, refs)
     for who, files in (("ours", ours), ("anchor", anchor)):
         for dtype, path in files.items():
             C.log(f"scoring {who} {dtype}")
@@ -111,6 +139,12 @@ def main() -> None:
     n_pos = sum(len(c) for _, c in cases)
     head = ["dtype", "size ours", "size anchor", "size ours/anchor", "KL mean ours", "KL mean anchor",
             "KL max ours / anchor", "top-1 ours", "top-1 anchor", f"greedy = golden (of {len(cases)}) ours / anchor"]
+    genai_text = ""
+    if genai:
+        g, o = scores[("genai", "int4")], scores[("ours", "q4")]
+        genai_text = (f"\nonnxruntime-genai int4 (`-p int4 -e cpu`, {C.mb(C.file_bytes(genai))}): KL mean {g['kl_mean']:.2e}, "
+                      f"max {g['kl_max']:.2e}, top-1 {g['top1']:.3f}, greedy = golden {g['greedy_eq']} of {len(cases)} "
+                      f"(ours q4: KL {o['kl_mean']:.2e}, top-1 {o['top1']:.3f}, {o['greedy_eq']} of {len(cases)}).\n")
     cfg = json.loads((base / "config.json").read_text())
     nonfinite = sum(s["nonfinite"] for s in scores.values())
     body = f"""## Quality, shipped example model (epicrisis-tiny base + LoRA adapter)
@@ -124,8 +158,7 @@ in nats. Ours: `graphkit convert base -a adapter --no-agreement`. Anchors: see t
 (q8 anchor = `quantize_dynamic(per_channel=False, reduce_range=False, weight_type=QUInt8)`; extra row QInt8).
 Non-finite logits across all variants: {nonfinite}.
 
-{C.table(head, rows)}
-"""
+{C.table(head, rows)}{genai_text}"""
     C.write_section("quality", body)
 
 

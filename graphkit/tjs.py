@@ -126,12 +126,28 @@ def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages
             comps = compare_tokens(ref, res["results"])
             strict = device != "webgpu"
             ok = all(c.equal for c in comps) if strict else all(c.acceptable for c in comps)
-            row.update(status="pass" if ok else "fail",
-                       detail="; ".join("equal" if c.equal else f"diverges at {c.first_divergence} (margin {c.margin_at_divergence:.4f})"
-                                        if c.margin_at_divergence is not None else f"diverges at {c.first_divergence}" for c in comps),
+            detail = "; ".join("equal" if c.equal else f"diverges at {c.first_divergence} (margin {c.margin_at_divergence:.4f})"
+                               if c.margin_at_divergence is not None else f"diverges at {c.first_divergence}" for c in comps)
+            if not ok and device == "webgpu":
+                detail += _webgpu_gqa_hint(variant_path(folder, dtype), res.get("adapter"), prompt_ids)
+            row.update(status="pass" if ok else "fail", detail=detail,
                        decode_ms_per_token=[r.get("decode_ms_per_token") for r in res["results"]])
             rows.append(row)
     return rows
+
+
+def _webgpu_gqa_hint(model: Path, adapter: dict | None, prompt_ids: list[list[int]]) -> str:
+    """Name the known onnxruntime-web bug when it can explain a WebGPU failure (tests/test_gqa_runtimes.py)."""
+    subgroup = (adapter or {}).get("subgroup_min_size")
+    if subgroup is None or subgroup >= 8 or max(map(len, prompt_ids), default=0) < 32:
+        return ""
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node}
+    if "GroupQueryAttention" not in ops:
+        return ""
+    return (f" — this adapter's subgroup size is {subgroup}: onnxruntime-web's WebGPU GroupQueryAttention is known to be "
+            "wrong for prompts of 32+ tokens on subgroup sizes below 8 (SwiftShader); convert without --fuse for it, "
+            "or check on a hardware GPU")
 
 
 _NP_TO_ORT = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int64): "int64",
