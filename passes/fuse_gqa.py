@@ -79,7 +79,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
-from passes.fuse_rmsnorm import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
+from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
                                  remove_unused, toposort)
 from passes.fuse_rotary import tensor_nbytes
 

@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
-from passes.fuse_rmsnorm import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
+from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
                                  other_input, remove_unused, toposort)
 
 

@@ -45,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
+from passes._fusion import subgraph_reads
 from passes._quant import blob_size, k_blocks, quantize_blockwise
 
 MS_DOMAIN = "com.microsoft"
@@ -112,18 +113,8 @@ def _node_label(node: onnx.NodeProto) -> str:
 
 def _used_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name read by a node of ``graph`` or any subgraph, plus the graph outputs."""
-    used = {o.name for o in graph.output}
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            used.update(i for i in n.input if i)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-    walk(graph)
-    return used
+    return ({o.name for o in graph.output} | {i for n in graph.node for i in n.input if i}
+            | subgraph_reads(graph))
 
 
 class MatMulNBitsPass(GraphPass):

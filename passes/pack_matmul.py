@@ -38,9 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
-from passes.fuse_rmsnorm import subgraph_reads
-
-ONNX_DOMAINS = ("", "ai.onnx")
+from passes._fusion import ONNX_DOMAINS, subgraph_reads
 _FLOAT = {TensorProto.FLOAT, TensorProto.FLOAT16}
 
 

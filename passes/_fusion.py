@@ -1,0 +1,355 @@
+"""Helpers shared by the fusion passes (``fuse-rmsnorm``, ``fuse-rotary``, ``fuse-gqa``, ``pack-matmul``).
+
+:class:`GraphIndex` (producers, consumers, constants and shapes of one graph), :func:`infer_value_info`,
+:func:`subgraph_reads` (names read by If/Loop bodies from the outer scope), and the small edit tools the
+passes share: :func:`remove_unused`, :func:`declare`, :func:`ensure_opset`, :func:`toposort`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from graphkit import tensors
+
+MS_DOMAIN = "com.microsoft"
+ONNX_DOMAINS = ("", "ai.onnx")
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+# ============================================================================ shared helpers
+@dataclass
+class ValueInfo:
+    elem_type: int = 0                     # 0: unknown
+    shape: list | None = None              # None: unknown rank; entries int, str (symbol) or None
+
+
+def _vi_info(vi: onnx.ValueInfoProto) -> ValueInfo:
+    tt = vi.type.tensor_type
+    shape = None
+    if tt.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return ValueInfo(tt.elem_type, shape)
+
+
+def infer_value_info(model: onnx.ModelProto, small_numel: int = 4096) -> dict[str, ValueInfo]:
+    """Element type and shape of every tensor ONNX shape inference can tell, on a copy of the graph
+    whose large initializers are replaced by typed graph inputs (works for > 2 GB models and for
+    models whose weights are external). Outputs of contrib ops get no entry unless the model
+    carries value_info for them."""
+    g = model.graph
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sg = sk.graph
+    sg.name = g.name or "g"
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.node.extend(g.node)
+    sg.value_info.extend(g.value_info)
+    info: dict[str, ValueInfo] = {}
+    names = {i.name for i in g.input}
+    for t in g.initializer:
+        info[t.name] = ValueInfo(t.data_type, [int(d) for d in t.dims])
+        numel = int(np.prod(t.dims)) if len(t.dims) else 1
+        if numel <= small_numel and t.data_location != TensorProto.EXTERNAL:
+            sg.initializer.append(t)
+        elif t.name not in names:
+            sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inf = onnx.shape_inference.infer_shapes(sk, check_type=False, strict_mode=False, data_prop=True)
+        vis = list(inf.graph.input) + list(inf.graph.output) + list(inf.graph.value_info)
+    except Exception:  # inference is best effort: fall back to what the model declares
+        vis = list(g.input) + list(g.output) + list(g.value_info)
+    for vi in vis:
+        v = _vi_info(vi)
+        if vi.name not in info or info[vi.name].elem_type == 0:
+            info[vi.name] = v
+    for n in g.node:  # Constant nodes and Casts: the type is certain even where inference stopped
+        if n.op_type == "Constant" and n.domain in ONNX_DOMAINS:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    info.setdefault(n.output[0], ValueInfo(a.t.data_type, [int(d) for d in a.t.dims]))
+        elif n.op_type == "Cast" and n.domain in ONNX_DOMAINS:
+            to = next((a.i for a in n.attribute if a.name == "to"), 0)
+            cur = info.setdefault(n.output[0], ValueInfo())
+            if not cur.elem_type:
+                cur.elem_type = to
+    return info
+
+
+class GraphIndex:
+    """Producers, consumers, constants and value info of a graph's top level (read-only view; build a
+    new one after editing)."""
+
+    def __init__(self, model: onnx.ModelProto, with_info: bool = True) -> None:
+        self.model = model
+        g = self.graph = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        # IR >= 4: an initializer that is also a graph input can be overridden at run time.
+        self.overridable = {i.name for i in g.input} if model.ir_version >= 4 else set()
+        self.graph_inputs = {i.name for i in g.input} - (set(self.inits) - self.overridable)
+        self.graph_outputs = {o.name for o in g.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.index: dict[int, int] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for i, n in enumerate(g.node):
+            self.index[id(n)] = i
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for x in n.input:
+                if x:
+                    self.consumers.setdefault(x, []).append(n)
+        self.subgraph_reads = subgraph_reads(g)
+        self.info = infer_value_info(model) if with_info else {}
+
+    # ------------------------------------------------------------------ structure
+    def node_of(self, name: str, op_type: str | tuple[str, ...] | None = None,
+                domain: tuple[str, ...] = ONNX_DOMAINS) -> onnx.NodeProto | None:
+        n = self.producer.get(name)
+        if n is None or n.domain not in domain:
+            return None
+        if op_type is not None and n.op_type not in ((op_type,) if isinstance(op_type, str) else op_type):
+            return None
+        return n
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        return self.consumers.get(name, [])
+
+    def only_user(self, name: str, node: onnx.NodeProto) -> bool:
+        """``name`` is read by ``node`` alone (any number of times), by no subgraph, and is no graph output."""
+        return (name not in self.graph_outputs and name not in self.subgraph_reads
+                and all(u is node for u in self.users(name)))
+
+    # ------------------------------------------------------------------ constants
+    def const(self, name: str, depth: int = 0) -> np.ndarray | None:
+        """The value of a constant tensor (initializer, Constant node, through Identity), else None."""
+        if not name:
+            return None
+        if name in self.inits:
+            return None if name in self.overridable else _to_array(self.inits[name])
+        n = self.producer.get(name)
+        if n is None or n.domain not in ONNX_DOMAINS or depth > 8:
+            return None
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    return _to_array(a.t)
+                if a.name in ("value_float", "value_int"):
+                    return np.array(a.f if a.name == "value_float" else a.i)
+                if a.name in ("value_floats", "value_ints"):
+                    return np.array(list(a.floats) if a.name == "value_floats" else list(a.ints))
+            return None
+        if n.op_type == "Identity":
+            return self.const(n.input[0], depth + 1)
+        return None
+
+    def is_const(self, name: str) -> bool:
+        if name in self.inits:
+            return name not in self.overridable
+        n = self.producer.get(name)
+        return n is not None and n.domain in ONNX_DOMAINS and (
+            n.op_type == "Constant" or (n.op_type == "Identity" and self.is_const(n.input[0])))
+
+    def scalar(self, name: str) -> float | None:
+        v = self.const(name)
+        if v is None or v.size != 1:
+            return None
+        return float(v.reshape(-1)[0])
+
+    def const_root(self, name: str) -> str:
+        """The initializer / Constant output behind Identity nodes (for reuse as a fused input)."""
+        n = self.producer.get(name)
+        while n is not None and n.op_type == "Identity" and n.domain in ONNX_DOMAINS:
+            name = n.input[0]
+            n = self.producer.get(name)
+        return name
+
+    # ------------------------------------------------------------------ types and shapes
+    def elem_type(self, name: str) -> int:
+        v = self.info.get(name)
+        return v.elem_type if v else 0
+
+    def shape(self, name: str) -> list | None:
+        v = self.info.get(name)
+        return v.shape if v else None
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return len(s) if s is not None else None
+
+    def last_dim(self, name: str) -> int | None:
+        s = self.shape(name)
+        if s and isinstance(s[-1], int) and s[-1] > 0:
+            return s[-1]
+        return None
+
+    def fresh(self, base: str, taken: set[str]) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    def taken_names(self) -> set[str]:
+        g = self.graph
+        return (set(self.inits) | {i.name for i in g.input} | {o.name for o in g.output}
+                | {o for n in g.node for o in n.output} | {n.name for n in g.node if n.name})
+
+
+def _to_array(t: TensorProto) -> np.ndarray:
+    return tensors.array(t)
+
+
+def subgraph_reads(g: onnx.GraphProto) -> set[str]:
+    """Names read inside If/Loop/Scan bodies (they may refer to outer-scope tensors)."""
+    reads: set[str] = set()
+
+    def walk(sub: onnx.GraphProto) -> None:
+        for n in sub.node:
+            reads.update(i for i in n.input if i)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for s in a.graphs:
+                        walk(s)
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                walk(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for s in a.graphs:
+                    walk(s)
+    return reads
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def node_label(n: onnx.NodeProto) -> str:
+    return n.name or (n.output[0] if n.output else "<unnamed>")
+
+
+def other_input(node: onnx.NodeProto, name: str) -> str | None:
+    """For a binary node reading ``name`` once: its other input."""
+    if len(node.input) != 2 or list(node.input).count(name) != 1:
+        return None
+    return node.input[1] if node.input[0] == name else node.input[0]
+
+
+def remove_unused(model: onnx.ModelProto, candidates: set[str] | None = None) -> int:
+    """Delete nodes whose outputs nobody reads (not graph outputs, not read by any node or subgraph),
+    then initializers nobody reads. ``candidates`` (tensor names) limits node removal to the producers
+    of those tensors and, transitively, the nodes feeding a removed node; None removes any dead node.
+    (Names, not NodeProto objects: protobuf copies messages when a node list is rebuilt.)
+    Returns the number of nodes removed."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    removed = 0
+    allowed = None if candidates is None else set(candidates)
+    while True:
+        used = outputs | subgraph_reads(g) | {i for n in g.node for i in n.input if i}
+        dead = [i for i, n in enumerate(g.node)
+                if n.output and (allowed is None or any(o in allowed for o in n.output))
+                and not any(o and o in used for o in n.output)
+                and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            n = g.node[i]
+            if allowed is not None:
+                allowed.update(x for x in n.input if x)  # what fed a removed node may now be dead too
+            del g.node[i]
+            removed += 1
+    used = outputs | subgraph_reads(g) | {i for n in g.node for i in n.input if i}
+    graph_inputs = {i.name for i in g.input}
+    dead_inits = [k for k, t in enumerate(g.initializer) if t.name not in used and t.name not in graph_inputs]
+    for k in reversed(dead_inits):
+        del g.initializer[k]
+    produced = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | graph_inputs
+    for k in reversed(range(len(g.value_info))):
+        if g.value_info[k].name not in produced:
+            del g.value_info[k]
+    return removed
+
+
+def declare(model: onnx.ModelProto, name: str, elem_type: int, shape: list | None = None) -> None:
+    """Add value_info (type, and shape when known) for a tensor a fused node produces, so later passes
+    that rely on ONNX inference (which knows no contrib op) still see its type."""
+    g = model.graph
+    if not name or not elem_type or name in {o.name for o in g.output} or name in {i.name for i in g.input}:
+        return
+    for k in reversed(range(len(g.value_info))):
+        if g.value_info[k].name == name:
+            del g.value_info[k]
+    dims = None if shape is None else [d if isinstance(d, (int, str)) and d != 0 else None for d in shape]
+    g.value_info.append(helper.make_tensor_value_info(name, elem_type, dims))
+
+
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    if not any(op.domain == domain for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def toposort(model: onnx.ModelProto) -> None:
+    """Stable topological order of the top-level nodes: among the nodes that are ready, the one that
+    came first keeps coming first (fused nodes sit where their matched pattern ended; this repairs any
+    order the rewrite disturbed)."""
+    import heapq
+    g = model.graph
+    nodes = list(g.node)
+    produced_by = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    deps: list[set[int]] = []
+    for k, n in enumerate(nodes):
+        names = {i for i in n.input if i}
+        for a in n.attribute:  # a subgraph's reads of outer-scope names are dependencies of its node
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _subgraph_reads_of(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for s in a.graphs:
+                    names |= _subgraph_reads_of(s)
+        deps.append({produced_by[x] for x in names if x in produced_by and produced_by[x] != k})
+    waiting = [len(d) for d in deps]
+    users: list[list[int]] = [[] for _ in nodes]
+    for k, d in enumerate(deps):
+        for p in d:
+            users[p].append(k)
+    heap = [k for k in range(len(nodes)) if waiting[k] == 0]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        k = heapq.heappop(heap)
+        order.append(k)
+        for u in users[k]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(heap, u)
+    if len(order) != len(nodes):  # a cycle would be a bug upstream: keep the rest in place
+        seen = set(order)
+        order += [k for k in range(len(nodes)) if k not in seen]
+    if order != list(range(len(nodes))):
+        del g.node[:]
+        g.node.extend(nodes[k] for k in order)
+
+
+def _subgraph_reads_of(sub: onnx.GraphProto) -> set[str]:
+    inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} | {t.name for t in sub.initializer}
+    reads: set[str] = set()
+    for n in sub.node:
+        reads.update(i for i in n.input if i and i not in inner)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                reads |= _subgraph_reads_of(a.g) - inner
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for s in a.graphs:
+                    reads |= _subgraph_reads_of(s) - inner
+    return reads
