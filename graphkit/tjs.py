@@ -40,15 +40,20 @@ def run_client(folder: Path, dtype: str, messages: list, new_tokens: int, client
             cmd += ["--screenshot", str(screenshot)]
     if threads:
         cmd += ["--threads", str(threads)]
+    return _run_harness(cmd, Path(prompts), timeout_s, f"Transformers.js ({client}, {dtype})")
+
+
+def _run_harness(cmd: list[str], input_file: Path, timeout_s: int, label: str) -> dict:
+    """Run one harness script (it prints exactly one JSON object), delete its input file, return the object
+    with ``returncode`` added."""
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     finally:
-        Path(prompts).unlink(missing_ok=True)
+        input_file.unlink(missing_ok=True)
     try:
         data = json.loads(res.stdout)
     except json.JSONDecodeError:
-        raise GraphkitError(f"Transformers.js ({client}, {dtype}) printed no result (exit {res.returncode}): "
-                            f"{res.stderr.strip()[-500:]}") from None
+        raise GraphkitError(f"{label} printed no result (exit {res.returncode}): {res.stderr.strip()[-500:]}") from None
     data["returncode"] = res.returncode
     return data
 
@@ -178,15 +183,7 @@ def run_model(model: Path, feeds: dict[str, np.ndarray], device: str = "webgpu",
            "--device", device, "--timeout-s", str(max(timeout_s - 20, 10))]
     if hide_features:
         cmd += ["--hide-features", ",".join(hide_features)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    finally:
-        Path(feeds_path).unlink(missing_ok=True)
-    try:
-        data = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        raise GraphkitError(f"{model}: ort_run ({device}) printed no result (exit {res.returncode}): "
-                            f"{res.stderr.strip()[-500:]}") from None
+    data = _run_harness(cmd, Path(feeds_path), timeout_s, f"{model}: ort_run ({device})")
     if "error" in data:
         raise GraphkitError(f"{model}: onnxruntime ({device}) failed: {data['error']}")
     outs = {}

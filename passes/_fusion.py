@@ -205,6 +205,14 @@ def _to_array(t: TensorProto) -> np.ndarray:
     return tensors.array(t)
 
 
+def _subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
 def subgraph_reads(g: onnx.GraphProto) -> set[str]:
     """Names read inside If/Loop/Scan bodies (they may refer to outer-scope tensors)."""
     reads: set[str] = set()
@@ -212,19 +220,11 @@ def subgraph_reads(g: onnx.GraphProto) -> set[str]:
     def walk(sub: onnx.GraphProto) -> None:
         for n in sub.node:
             reads.update(i for i in n.input if i)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for s in a.graphs:
-                        walk(s)
+            for inner in _subgraphs(n):
+                walk(inner)
     for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                walk(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for s in a.graphs:
-                    walk(s)
+        for sub in _subgraphs(n):
+            walk(sub)
     return reads
 
 
@@ -353,3 +353,32 @@ def _subgraph_reads_of(sub: onnx.GraphProto) -> set[str]:
                 for s in a.graphs:
                     reads |= _subgraph_reads_of(s) - inner
     return reads
+
+
+def check_rewrite(model: onnx.ModelProto, created: set[str], pass_name: str, what: str = "fused node") -> dict:
+    """Postconditions every fusion shares: each node it created (by name) is in the graph and reads only tensors
+    that exist, no top-level node reads a removed tensor, each tensor has one
+    producer and every graph output is still produced. Returns the initializers by name for further checks."""
+    from graphkit.errors import PostconditionError
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    produced = [o for n in g.node for o in n.output if o]
+    available = set(inits) | {i.name for i in g.input} | set(produced)
+    found = 0
+    for n in g.node:
+        if n.name in created:
+            found += 1
+            missing = [x for x in n.input if x and x not in available]
+            if missing:
+                raise PostconditionError(f"{pass_name}: node '{n.name}' reads missing tensor(s) {missing}")
+    if found != len(created):
+        raise PostconditionError(f"{pass_name}: {len(created) - found} {what}(s) missing from the result")
+    if len(produced) != len(set(produced)):
+        raise PostconditionError(f"{pass_name}: a tensor has two producers after the rewrite")
+    missing_out = [o.name for o in g.output if o.name not in available]
+    if missing_out:
+        raise PostconditionError(f"{pass_name}: graph outputs no longer produced: {missing_out}")
+    dangling = sorted({x for n in g.node for x in n.input if x and x not in available})
+    if dangling:
+        raise PostconditionError(f"{pass_name}: the rewrite left reads of removed tensors: {dangling[:5]}")
+    return inits

@@ -77,10 +77,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
+from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, option
-from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
-                                 remove_unused, toposort)
+from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
+                            node_label, remove_unused, toposort)
 from passes.fuse_rotary import tensor_nbytes
 
 _WORLD = dict(b=2, s=3, p=2)            # the batch used for the numeric checks (row 0 left-padded by 1)
@@ -682,25 +682,4 @@ class FuseGqaPass(GraphPass):
         return nodes, inits, seqlens, total, bias
 
     def ensures(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        available = ({t.name for t in g.initializer} | {i.name for i in g.input}
-                     | {o for n in g.node for o in n.output if o})
-        created = set(getattr(self, "_created", []))
-        found = 0
-        for n in g.node:
-            if n.name in created:
-                found += 1
-                missing = [x for x in n.input if x and x not in available]
-                if missing:
-                    raise PostconditionError(f"fuse-gqa: node '{n.name}' reads missing tensor(s) {missing}")
-        if found != len(created):
-            raise PostconditionError(f"fuse-gqa: {len(created) - found} GroupQueryAttention node(s) missing")
-        produced = [o for n in g.node for o in n.output if o]
-        if len(produced) != len(set(produced)):
-            raise PostconditionError("fuse-gqa: a tensor has two producers after the rewrite")
-        missing_out = [o.name for o in g.output if o.name not in available]
-        if missing_out:
-            raise PostconditionError(f"fuse-gqa: graph outputs no longer produced: {missing_out}")
-        dangling = [x for n in g.node for x in n.input if x and x not in available]
-        if dangling:
-            raise PostconditionError(f"fuse-gqa: reads of removed tensors remain: {sorted(set(dangling))[:5]}")
+        check_rewrite(model, set(getattr(self, "_created", [])), "fuse-gqa", "GroupQueryAttention node")

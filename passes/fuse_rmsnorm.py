@@ -49,10 +49,10 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto, helper
 
-from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
+from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, option
-from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
-                            other_input, remove_unused, subgraph_reads, toposort)
+from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
+                            node_label, other_input, remove_unused, toposort)
 
 
 # ============================================================================ the pass
@@ -344,20 +344,4 @@ class FuseRmsNormPass(GraphPass):
         return PassResult(model, True, summary, details)
 
     def ensures(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        available = ({i.name for i in g.input} | {t.name for t in g.initializer}
-                     | {o for n in g.node for o in n.output if o})
-        created = set(getattr(self, "_created", []))
-        found = 0
-        for n in g.node:
-            if n.name in created:
-                found += 1
-                missing = [x for x in n.input if x and x not in available]
-                if missing:
-                    raise PostconditionError(f"fuse-rmsnorm: node '{n.name}' reads missing tensor(s) {missing}")
-        if found != len(created):
-            raise PostconditionError(f"fuse-rmsnorm: {len(created) - found} fused node(s) missing from the result")
-        dangling = [x for n in g.node for x in n.input if x and x not in available and x not in subgraph_reads(g)]
-        if dangling:
-            raise PostconditionError("fuse-rmsnorm: the rewrite left reads of removed tensors: "
-                                     f"{sorted(set(dangling))[:5]}")
+        check_rewrite(model, set(getattr(self, "_created", [])), "fuse-rmsnorm")

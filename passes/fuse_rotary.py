@@ -47,8 +47,8 @@ from onnx import TensorProto, helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
-from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, declare, ensure_opset, node_label,
-                                 other_input, remove_unused, toposort)
+from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
+                            node_label, other_input, remove_unused, toposort)
 
 
 # ============================================================================ evaluating a cone
@@ -342,23 +342,10 @@ class FuseRotaryPass(GraphPass):
         return PassResult(model, True, summary, details)
 
     def ensures(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        inits = {t.name: t for t in g.initializer}
-        available = set(inits) | {i.name for i in g.input} | {o for n in g.node for o in n.output if o}
         created = set(getattr(self, "_created", []))
-        found = 0
-        for n in g.node:
-            if n.name not in created:
-                continue
-            found += 1
-            missing = [x for x in n.input if x and x not in available]
-            if missing:
-                raise PostconditionError(f"fuse-rotary: node '{n.name}' reads missing tensor(s) {missing}")
-            c, s = inits.get(n.input[2]), inits.get(n.input[3])
-            if c is None or s is None or list(c.dims) != list(s.dims) or len(c.dims) != 2:
-                raise PostconditionError(f"fuse-rotary: node '{n.name}' has no [positions, head_dim/2] cos/sin caches")
-        if found != len(created):
-            raise PostconditionError(f"fuse-rotary: {len(created) - found} RotaryEmbedding node(s) missing")
-        dangling = [x for n in g.node for x in n.input if x and x not in available]
-        if dangling:
-            raise PostconditionError(f"fuse-rotary: reads of removed tensors remain: {sorted(set(dangling))[:5]}")
+        inits = check_rewrite(model, created, "fuse-rotary", "RotaryEmbedding node")
+        for n in model.graph.node:
+            if n.name in created:
+                c, s = inits.get(n.input[2]), inits.get(n.input[3])
+                if c is None or s is None or list(c.dims) != list(s.dims) or len(c.dims) != 2:
+                    raise PostconditionError(f"fuse-rotary: node '{n.name}' has no [positions, head_dim/2] cos/sin caches")

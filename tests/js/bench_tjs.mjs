@@ -7,15 +7,14 @@
 // (all logs on stderr): {client, device, dtype, load_ms, warmup_ms, runs: [{prefill_ms, decode_ms_per_token,
 // e2e_ms, new_ids, margins}], ...} or the same identifying fields plus "error" (exit 1; 3 on timeout).
 import fs from 'node:fs';
-import http from 'node:http';
-import os from 'node:os';
 import path from 'node:path';
-import { createRequire } from 'node:module';
-import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import {
-  HarnessError, UsageError, emitJson, fail, log, routeConsoleToStderr,
+  Cleanups, chromiumVersion, closeServer, launchChromium, resolvePackages, startServer,
+} from './chromium_common.mjs';
+import {
+  HarnessError, UsageError, emitJson, fail, log, ortNodeModule, routeConsoleToStderr,
 } from './cli_common.mjs';
 import { runBenchmark, runOps } from './bench_core.mjs';
 
@@ -34,11 +33,6 @@ const USAGE = `usage: node bench_tjs.mjs --client node|chromium --model-dir DIR 
   --ops            diagnostics instead of generation: --model-dir holds ops.json ([{name, file, K}]) and one-layer
                    .onnx files; each is run straight in onnxruntime-node / onnxruntime-web (input "A" [M, K]),
                    M = 1 and --prompt-ids' length, --runs timed runs each (no --dtype, no config.json needed)`;
-
-const TYPES = {
-  '.html': 'text/html; charset=utf-8', '.mjs': 'text/javascript; charset=utf-8', '.js': 'text/javascript; charset=utf-8',
-  '.wasm': 'application/wasm', '.json': 'application/json; charset=utf-8',
-};
 
 function parse(argv) {
   let values;
@@ -118,9 +112,7 @@ async function benchNode(a) {
 }
 
 async function opsNode(a) {
-  const require = createRequire(import.meta.url);
-  const tjs = path.dirname(require.resolve('@huggingface/transformers'));
-  const ort = createRequire(path.join(tjs, '..', 'package.json'))('onnxruntime-node');
+  const ort = ortNodeModule();
   const runs = await runOps(ort, {
     models: a.opsList, load: (f) => path.join(a.modelDir, f), ms: [1, a.promptIds.length], iters: a.runs, log,
     sessionOptions: { intraOpNumThreads: a.threads, interOpNumThreads: 1, executionProviders: ['cpu'] },
@@ -128,95 +120,34 @@ async function opsNode(a) {
   return { ops: runs, onnxruntime_node_version: ort.env?.versions?.node ?? null };
 }
 
-function packages() {
-  const require = createRequire(import.meta.url);
-  const tjsDist = path.dirname(require.resolve('@huggingface/transformers'));
-  const ortDist = path.dirname(createRequire(path.join(tjsDist, '..', 'package.json')).resolve('onnxruntime-web'));
-  return { tjsDist, ortDist };
-}
-
-function safeJoin(root, rel) {
-  const p = path.resolve(root, `.${path.posix.normalize(`/${rel}`)}`);
-  return p === root || p.startsWith(root + path.sep) ? p : null;
-}
-
-/** Static server on 127.0.0.1 (random port): the page, bench_core + harness_core, the config, TJS, ORT-web, the model. */
-function serve(a, config, coi) {
-  const { tjsDist, ortDist } = packages();
-  const files = {
-    '/': path.join(HERE, 'bench_page.html'),
-    '/harness/bench_core.mjs': path.join(HERE, 'bench_core.mjs'),
-    '/harness/harness_core.mjs': path.join(HERE, 'harness_core.mjs'),
-  };
-  const routes = [[`/models/${a.modelId}/`, a.modelDir], ['/tjs/', tjsDist], ['/ort/', ortDist]];
-  const server = http.createServer((req, res) => {
-    const headers = { 'Cache-Control': 'no-store' };
-    if (coi) {
-      Object.assign(headers, {
-        'Cross-Origin-Opener-Policy': 'same-origin',
-        'Cross-Origin-Embedder-Policy': 'require-corp',
-        'Cross-Origin-Resource-Policy': 'same-origin',
-      });
-    }
-    let url;
-    try { url = decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname); } catch { res.writeHead(400).end(); return; }
-    if (url === '/harness/config.json') {
-      const buf = Buffer.from(JSON.stringify(config));
-      res.writeHead(200, { ...headers, 'Content-Type': TYPES['.json'], 'Content-Length': buf.length }).end(buf);
-      return;
-    }
-    let file = files[url] ?? null;
-    if (!file) {
-      for (const [prefix, root] of routes) if (url.startsWith(prefix)) { file = safeJoin(root, url.slice(prefix.length)); break; }
-    }
-    let st = null;
-    try { st = file ? fs.statSync(file) : null; } catch { st = null; }
-    if (!st?.isFile()) { res.writeHead(404, headers).end('not found'); return; }
-    res.writeHead(200, {
-      ...headers, 'Content-Length': st.size, 'Content-Type': TYPES[path.extname(file)] ?? 'application/octet-stream',
-    });
-    if (req.method === 'HEAD') { res.end(); return; }
-    fs.createReadStream(file).on('error', () => res.destroy()).pipe(res);
-  });
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve(server));
-  });
-}
-
 // Chromium, its profile folder and the server: closed in reverse order on success, failure, timeout or a signal.
-const cleanups = [];
-async function cleanup() {
-  while (cleanups.length) { try { await cleanups.pop()(); } catch (e) { log(`cleanup: ${e.message}`); } }
-}
+const cleanups = new Cleanups();
+const cleanup = () => cleanups.run();
 for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => { cleanup().finally(() => process.exit(130)); });
 
 async function benchChromium(a, record) {
   if (!fs.existsSync(a.chromiumPath)) throw new UsageError(`Chromium not found at ${a.chromiumPath} (apt-get install -y chromium)`);
-  const { chromium } = await import('playwright-core');
   const coi = a.threads > 1;
   const config = {
     modelId: a.modelId, dtype: a.dtype, device: a.device, threads: a.threads, promptIds: a.promptIds,
     newTokens: a.newTokens, runs: a.runs, warmupTokens: a.warmupTokens, ops: a.opsList,
   };
   try {
-    const server = await serve(a, config, coi);
-    cleanups.push(() => new Promise((r) => { server.closeAllConnections?.(); server.close(() => r()); }));
-    const origin = `http://127.0.0.1:${server.address().port}`;
-    try {
-      record.chromium_version = execFileSync(a.chromiumPath, ['--version'], { encoding: 'utf8', timeout: 20_000 }).trim();
-    } catch { record.chromium_version = null; }
-    const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'graphkit-bench-chromium-'));
-    cleanups.push(() => fs.rmSync(userDataDir, { recursive: true, force: true }));
-    const args = [
-      '--headless', '--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',
-    ];
-    if (a.device === 'webgpu') args.push('--enable-unsafe-webgpu');
-    const context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: a.chromiumPath, headless: true, args, timeout: 60_000,
+    const { tjsDist, ortDist } = resolvePackages();
+    const server = await startServer({
+      coi,
+      staticFiles: {
+        '/': path.join(HERE, 'bench_page.html'),
+        '/harness/bench_core.mjs': path.join(HERE, 'bench_core.mjs'),
+        '/harness/harness_core.mjs': path.join(HERE, 'harness_core.mjs'),
+        '/harness/config.json': { type: 'application/json; charset=utf-8', data: JSON.stringify(config) },
+      },
+      routes: [[`/models/${a.modelId}/`, a.modelDir], ['/tjs/', tjsDist], ['/ort/', ortDist]],
     });
-    cleanups.push(() => Promise.race([context.close(), new Promise((r) => setTimeout(r, 10_000))]));
+    cleanups.push(() => closeServer(server));
+    const origin = `http://127.0.0.1:${server.address().port}`;
+    record.chromium_version = chromiumVersion(a.chromiumPath);
+    const context = await launchChromium({ executable: a.chromiumPath, device: a.device, cleanups });
     const page = context.pages()[0] ?? await context.newPage();
     let fatal = null;
     page.on('console', (m) => log(`console.${m.type()}: ${m.text()}`));

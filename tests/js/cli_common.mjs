@@ -1,6 +1,7 @@
 // Small helpers shared by generate_node.mjs and generate_browser.mjs (Node only).
 import fs from 'node:fs';
 import path from 'node:path';
+import { createRequire } from 'node:module';
 import { parseArgs } from 'node:util';
 import { validatePrompts } from './harness_core.mjs';
 
@@ -100,4 +101,11 @@ export function fail(err, code = 1) {
   const msg = short ? err.message : (err?.stack || String(err));
   process.stderr.write(`ERROR: ${msg}\n`);
   process.exit(err instanceof UsageError ? 2 : code);
+}
+
+/** onnxruntime-node exactly as Transformers.js resolves it (its own dependency, not a second copy). */
+export function ortNodeModule() {
+  const require = createRequire(import.meta.url);
+  const tjsDist = path.dirname(require.resolve('@huggingface/transformers'));
+  return createRequire(path.join(tjsDist, '..', 'package.json'))('onnxruntime-node');
 }

@@ -4,12 +4,11 @@
 // web bundle and onnxruntime-web's dist files from node_modules; playwright-core drives /usr/bin/chromium.
 // Prints exactly one JSON object on stdout; all logs go to stderr. See README.md.
 import fs from 'node:fs';
-import http from 'node:http';
-import os from 'node:os';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
-import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
+import {
+  Cleanups, chromiumVersion, closeServer, launchChromium, resolvePackages, startServer,
+} from './chromium_common.mjs';
 import {
   HarnessError, UsageError, emitJson, fail, log, parseCommon, routeConsoleToStderr,
 } from './cli_common.mjs';
@@ -33,124 +32,6 @@ const USAGE = `usage: node generate_browser.mjs --model-dir /abs/path/to/folder 
   --chromium            Chromium executable (default /usr/bin/chromium; never a downloaded browser)
   --add-special-tokens  add the tokenizer's special tokens to plain-string prompts (default off)
   --verbose             log every HTTP request to stderr`;
-
-const CONTENT_TYPES = {
-  '.html': 'text/html; charset=utf-8',
-  '.js': 'text/javascript; charset=utf-8',
-  '.mjs': 'text/javascript; charset=utf-8',
-  '.wasm': 'application/wasm',
-  '.json': 'application/json; charset=utf-8',
-  '.jinja': 'text/plain; charset=utf-8',
-  '.txt': 'text/plain; charset=utf-8',
-  '.map': 'application/json; charset=utf-8',
-  '.onnx': 'application/octet-stream',
-  '.onnx_data': 'application/octet-stream',
-  '.data': 'application/octet-stream',
-  '.png': 'image/png',
-};
-
-function contentType(file) {
-  const base = path.basename(file);
-  if (/\.onnx_data(_\d+)?$/.test(base)) return 'application/octet-stream';
-  return CONTENT_TYPES[path.extname(base)] ?? 'application/octet-stream';
-}
-
-/** Resolve the installed package folders (exact versions from node_modules). */
-function resolvePackages() {
-  const require = createRequire(import.meta.url);
-  // The 'require' + 'node' conditions resolve to a file in each package's dist/ folder.
-  const tjsDist = path.dirname(require.resolve('@huggingface/transformers'));
-  const tjsRequire = createRequire(path.join(tjsDist, '..', 'package.json'));
-  const ortDist = path.dirname(tjsRequire.resolve('onnxruntime-web'));
-  const readVersion = (dir) => JSON.parse(fs.readFileSync(path.join(dir, '..', 'package.json'), 'utf8')).version;
-  const need = [
-    path.join(tjsDist, 'transformers.web.js'),
-    path.join(ortDist, 'ort.webgpu.min.mjs'),
-    path.join(ortDist, 'ort-wasm-simd-threaded.asyncify.mjs'),
-    path.join(ortDist, 'ort-wasm-simd-threaded.asyncify.wasm'),
-  ];
-  for (const f of need) {
-    if (!fs.existsSync(f)) throw new Error(`missing ${f}: run "ONNXRUNTIME_NODE_INSTALL=skip npm ci" in ${HERE}`);
-  }
-  return {
-    tjsDist, ortDist, tjsVersion: readVersion(tjsDist), ortWebVersion: readVersion(ortDist),
-  };
-}
-
-/** Map a URL path onto a file inside `root`; null if it escapes root. */
-function safeJoin(root, rel) {
-  const p = path.resolve(root, `.${path.posix.normalize(`/${rel}`)}`);
-  return p === root || p.startsWith(root + path.sep) ? p : null;
-}
-
-function startServer({ routes, staticFiles, coi, verbose, stats }) {
-  const server = http.createServer((req, res) => {
-    const headers = { 'Cache-Control': 'no-store' };
-    if (coi) {
-      headers['Cross-Origin-Opener-Policy'] = 'same-origin';
-      headers['Cross-Origin-Embedder-Policy'] = 'require-corp';
-      headers['Cross-Origin-Resource-Policy'] = 'same-origin';
-    }
-    let urlPath;
-    try {
-      urlPath = decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname);
-    } catch {
-      res.writeHead(400, headers).end('bad request');
-      return;
-    }
-    const done = (status, bytes = 0) => {
-      stats.requests += 1;
-      stats.bytes += bytes;
-      if (status === 404) stats.not_found.push(urlPath);
-      if (verbose || status >= 400) log(`http ${req.method} ${urlPath} -> ${status}${bytes ? ` (${bytes} B)` : ''}`);
-    };
-    if (req.method !== 'GET' && req.method !== 'HEAD') {
-      res.writeHead(405, headers).end();
-      done(405);
-      return;
-    }
-    let file = null;
-    let body = null;
-    if (urlPath in staticFiles) {
-      const s = staticFiles[urlPath];
-      if (typeof s === 'string') file = s;
-      else body = s;
-    } else {
-      for (const [prefix, root] of routes) {
-        if (urlPath.startsWith(prefix)) {
-          file = safeJoin(root, urlPath.slice(prefix.length));
-          break;
-        }
-      }
-    }
-    if (body !== null) {
-      const buf = Buffer.from(body.data);
-      res.writeHead(200, { ...headers, 'Content-Type': body.type, 'Content-Length': buf.length });
-      res.end(req.method === 'HEAD' ? undefined : buf);
-      done(200, buf.length);
-      return;
-    }
-    let st = null;
-    try { st = file ? fs.statSync(file) : null; } catch { st = null; }
-    if (!st || !st.isFile()) {
-      res.writeHead(404, { ...headers, 'Content-Type': 'text/plain' }).end('not found');
-      done(404);
-      return;
-    }
-    res.writeHead(200, { ...headers, 'Content-Type': contentType(file), 'Content-Length': st.size });
-    if (req.method === 'HEAD') {
-      res.end();
-      done(200);
-      return;
-    }
-    fs.createReadStream(file).on('error', () => res.destroy()).pipe(res);
-    done(200, st.size);
-  });
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve(server));
-  });
-}
 
 async function main() {
   routeConsoleToStderr();
@@ -176,15 +57,8 @@ async function main() {
   const coi = threads > 1;
 
   const pk = resolvePackages();
-  const { chromium } = await import('playwright-core');
-
-  const cleanups = [];
-  const cleanup = async () => {
-    while (cleanups.length) {
-      const fn = cleanups.pop();
-      try { await fn(); } catch (e) { log(`cleanup: ${e.message}`); }
-    }
-  };
+  const cleanups = new Cleanups();
+  const cleanup = () => cleanups.run();
 
   // Everything learned so far; printed as the JSON record on success, or with "error" on failure.
   const state = {
@@ -240,35 +114,16 @@ async function main() {
         ['/ort/', pk.ortDist],
       ],
     });
-    cleanups.push(() => new Promise((r) => { server.closeAllConnections?.(); server.close(() => r()); }));
+    cleanups.push(() => closeServer(server));
     const origin = `http://127.0.0.1:${server.address().port}`;
     log(`serving on ${origin} (COOP/COEP ${coi ? 'on' : 'off'}); transformers.js ${pk.tjsVersion}, onnxruntime-web ${pk.ortWebVersion}`);
     state.stats = stats;
     state.record.http = { requests: 0, bytes: 0, not_found: stats.not_found, coop_coep: coi };
 
-    try {
-      state.record.chromium_version = execFileSync(values.chromium, ['--version'], {
-        encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 20_000,
-      }).trim();
-    } catch { state.record.chromium_version = null; }
-    const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'graphkit-chromium-'));
-    cleanups.push(() => fs.rmSync(userDataDir, { recursive: true, force: true }));
-    const chromeArgs = [
-      '--headless', '--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync',
-      // Resolve nothing but the local server: any other host fails fast, so the run is provably offline.
-      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',
-    ];
-    if (device === 'webgpu') chromeArgs.push('--enable-unsafe-webgpu');
-    log(`launching ${values.chromium} ${chromeArgs.join(' ')}`);
-    const context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: values.chromium,
-      headless: true,
-      args: chromeArgs,
-      viewport: { width: 1000, height: 800 },
-      timeout: 60_000,
+    state.record.chromium_version = chromiumVersion(values.chromium);
+    const context = await launchChromium({
+      executable: values.chromium, device, cleanups, viewport: { width: 1000, height: 800 },
     });
-    cleanups.push(() => Promise.race([context.close(), new Promise((r) => setTimeout(r, 10_000))]));
 
     const external = [];
     state.record.external_requests = external;

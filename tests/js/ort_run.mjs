@@ -7,12 +7,11 @@
 // little-endian bytes>"}}. Prints exactly one JSON object on stdout: {outputs: {...same form...}, device,
 // onnxruntime_version, adapter} or {error} (exit 1).
 import fs from 'node:fs';
-import http from 'node:http';
-import os from 'node:os';
-import path from 'node:path';
-import { createRequire } from 'node:module';
 import { parseArgs } from 'node:util';
-import { HarnessError, UsageError, emitJson, fail, log, routeConsoleToStderr } from './cli_common.mjs';
+import { Cleanups, closeServer, launchChromium, resolvePackages, startServer } from './chromium_common.mjs';
+import {
+  HarnessError, UsageError, emitJson, fail, log, ortNodeModule, routeConsoleToStderr,
+} from './cli_common.mjs';
 
 const USAGE = `usage: node ort_run.mjs --model FILE.onnx --feeds FEEDS.json [--device webgpu|wasm|node]
          [--hide-features subgroups,...] [--timeout-s 600] [--chromium /usr/bin/chromium]
@@ -44,20 +43,8 @@ function parse(argv) {
   return { ...values, timeoutS: Number(values['timeout-s']) };
 }
 
-function ortWebDist() {
-  const require = createRequire(import.meta.url);
-  const tjsDist = path.dirname(require.resolve('@huggingface/transformers'));
-  return path.dirname(createRequire(path.join(tjsDist, '..', 'package.json')).resolve('onnxruntime-web'));
-}
-
-function ortNode() {
-  const require = createRequire(import.meta.url);
-  const tjsDist = path.dirname(require.resolve('@huggingface/transformers'));
-  return createRequire(path.join(tjsDist, '..', 'package.json'))('onnxruntime-node');
-}
-
 async function runNode(a, feeds) {
-  const ort = ortNode();
+  const ort = ortNodeModule();
   const session = await ort.InferenceSession.create(a.model);
   const inputs = {};
   for (const [name, t] of Object.entries(feeds)) {
@@ -76,33 +63,19 @@ async function runNode(a, feeds) {
 }
 
 async function runChromium(a, feeds) {
-  const ortDist = ortWebDist();
-  const modelBytes = fs.readFileSync(a.model);
-  const server = http.createServer((req, res) => {
-    const url = new URL(req.url, 'http://127.0.0.1').pathname;
-    const headers = { 'Cache-Control': 'no-store' };
-    if (url === '/') {
-      res.writeHead(200, { ...headers, 'Content-Type': 'text/html' }).end('<!doctype html><title>ort_run</title>');
-    } else if (url === '/model.onnx') {
-      res.writeHead(200, { ...headers, 'Content-Type': 'application/octet-stream' }).end(modelBytes);
-    } else if (url.startsWith('/ort/') && !url.includes('..')) {
-      const file = path.join(ortDist, url.slice(5));
-      if (!fs.existsSync(file)) { res.writeHead(404).end(); return; }
-      const type = file.endsWith('.mjs') ? 'text/javascript' : file.endsWith('.wasm') ? 'application/wasm' : 'application/octet-stream';
-      res.writeHead(200, { ...headers, 'Content-Type': type }).end(fs.readFileSync(file));
-    } else {
-      res.writeHead(404).end();
-    }
-  });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const origin = `http://127.0.0.1:${server.address().port}`;
-  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'graphkit-ortrun-'));
-  const { chromium } = await import('playwright-core');
-  const args = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking',
-    '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1'];
-  if (a.device === 'webgpu') args.push('--enable-unsafe-webgpu');
-  const context = await chromium.launchPersistentContext(userDataDir, { executablePath: a.chromium, headless: true, args });
+  const cleanups = new Cleanups();
   try {
+    const { ortDist } = resolvePackages();
+    const server = await startServer({
+      staticFiles: {
+        '/': { type: 'text/html; charset=utf-8', data: '<!doctype html><title>ort_run</title>' },
+        '/model.onnx': a.model,
+      },
+      routes: [['/ort/', ortDist]],
+    });
+    cleanups.push(() => closeServer(server));
+    const origin = `http://127.0.0.1:${server.address().port}`;
+    const context = await launchChromium({ executable: a.chromium, device: a.device, cleanups });
     const page = context.pages()[0] ?? await context.newPage();
     page.on('console', (m) => log(`console.${m.type()}: ${m.text()}`));
     await page.goto(`${origin}/`);
@@ -166,10 +139,7 @@ async function runChromium(a, feeds) {
     if (got.error) throw new HarnessError(`page reported: ${got.error}`);
     return got;
   } finally {
-    await Promise.race([context.close(), new Promise((r) => setTimeout(r, 10_000))]);
-    fs.rmSync(userDataDir, { recursive: true, force: true });
-    server.closeAllConnections?.();
-    server.close();
+    await cleanups.run();
   }
 }
 
