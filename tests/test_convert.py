@@ -173,3 +173,55 @@ def test_pipeline_override_errors_before_export(tmp_path, item, needle):
     res = _cli("convert", "--output", tmp_path / "o", "--dtypes", "fp32,q4", "--pipeline", item)
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "o").exists()
+
+
+_ANON_PROBE = r"""
+import sys, numpy as np
+from graphkit.ortrun import make_session
+s = make_session(sys.argv[1], prepack=sys.argv[2] == "1")
+y = s.run(None, {"x": np.ones((1, 1024), np.float32)})[0]
+anon = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) * 1024
+print(anon, float(y.sum()))
+"""
+
+
+def test_reference_session_maps_weights_instead_of_packing(tmp_path):
+    """The fp32 reference of verify / convert's agreement check opens its session with prepack=False: the weights
+    stay in onnxruntime's memory map of the external data instead of a packed anonymous copy (at 1.5B: 6.1 GB of
+    anonymous memory less, 29 s -> 2 s to load), with the same outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((1024, 65536), dtype=np.float32) * 0.01   # 256 MiB
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 65536])],
+                              [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, location="big.onnx_data")
+    del w
+    out = {}
+    for prepack in ("1", "0"):
+        res = subprocess.run([sys.executable, "-c", _ANON_PROBE, str(path), prepack], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-1000:]
+        anon, total = res.stdout.split()
+        out[prepack] = (int(anon), float(total))
+    assert out["1"][0] > 200 * 2**20, out          # the packed copy of the 256 MiB weight
+    assert out["0"][0] < out["1"][0] - 150 * 2**20, out
+    assert abs(out["0"][1] - out["1"][1]) <= 1e-3 * max(1.0, abs(out["1"][1])), out
+
+
+def test_large_fp16_check_casts_per_use_with_same_result(converted, monkeypatch):
+    """check_variant opens an fp16 file above LOW_MEMORY_FP16_BYTES without constant folding (no float32 copy of
+    the weights on the CPU provider); forced on for the shipped model, its verdict equals the folded session's."""
+    from graphkit import verify
+    folder, _ = converted
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12]]
+    runs = verify.reference_runs(verify.OnnxReference(folder / "onnx" / "model.onnx"), prompts, 8)
+    folded = verify.check_variant("fp16", folder / "onnx" / "model_fp16.onnx", runs)
+    monkeypatch.setattr(verify, "LOW_MEMORY_FP16_BYTES", 0)
+    cast_per_use = verify.check_variant("fp16", folder / "onnx" / "model_fp16.onnx", runs)
+    assert folded.error is None and cast_per_use.error is None
+    assert cast_per_use.top1_agreement == folded.top1_agreement and cast_per_use.passed == folded.passed
+    assert cast_per_use.first_divergence == folded.first_divergence
+    assert abs(cast_per_use.kl_mean - folded.kl_mean) < 1e-6
