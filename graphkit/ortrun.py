@@ -19,13 +19,10 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
 def make_session(path: str | os.PathLike, provider: str = "CPUExecutionProvider", threads: int | None = None,
-                 prepack: bool = True, fold_constants: bool = True):
+                 prepack: bool = True):
     """An onnxruntime session. ``prepack=False`` keeps float MatMul weights in onnxruntime's memory map of the
     external data instead of packed anonymous copies: for a reference run of a large fp32 model (1.5B: 6.1 GB
-    less anonymous memory, session load 29 s -> 2 s, results equal up to float summation order).
-    ``fold_constants=False`` (no graph optimizations, no memory arena) is for float16 files on the CPU provider,
-    which runs float16 ops in float32 behind inserted Casts: folded, those Casts are a float32 copy of every weight
-    (1.5B: 6.9 GB); unfolded, each weight is cast when used and freed (slower per step, the same values)."""
+    less anonymous memory, session load 29 s -> 2 s, results equal up to float summation order)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -33,9 +30,6 @@ def make_session(path: str | os.PathLike, provider: str = "CPUExecutionProvider"
         opts.intra_op_num_threads = threads
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    if not fold_constants:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
 
 

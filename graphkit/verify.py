@@ -99,21 +99,11 @@ def reference_runs(reference, prompts: list[list[int]], new_tokens: int) -> list
     return runs
 
 
-LOW_MEMORY_FP16_BYTES = 1 << 30
-
-
-def _file_bytes(path: Path) -> int:
-    from graphkit.bench import model_size
-    return model_size(Path(path))
-
-
 def check_variant(dtype: str, path: Path, runs, threshold: float | None = None) -> VariantReport:
     rep = VariantReport(dtype, path.name, threshold=THRESHOLDS.get(dtype, 0.85) if threshold is None else threshold)
     t0 = time.perf_counter()
     try:
-        # A large fp16 file would be checked through a float32 copy of its weights (CPU provider); cast per use.
-        big_fp16 = dtype == "fp16" and _file_bytes(path) > LOW_MEMORY_FP16_BYTES
-        runner = DecoderRunner.from_file(path, fold_constants=not big_fp16)
+        runner = DecoderRunner.from_file(path)
         agree, total, kls = 0, 0, []
         for prompt, cont, ref_logits in runs:
             logits = runner.teacher_forced_logits(prompt, cont)
