@@ -93,7 +93,7 @@ def fused(tmp_path_factory):
     import subprocess
     import sys
     out = tmp_path_factory.mktemp("fused") / "epicrisis-fused"
-    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--dtypes", "fp32,q4,q4f16",
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--dtypes", "fp32,fp16,q4,q4f16,q8",
                           "--output", str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     return out
@@ -115,8 +115,10 @@ def test_fused_webgpu_on_verify_default_prompts(fused):
                  + failing[0]["detail"][-200:])
 
 
-@pytest.mark.parametrize("client,device,dtype", [("node", "cpu", "fp32"), ("node", "cpu", "q4"), ("node", "cpu", "q4f16"),
-                                                 ("chromium", "wasm", "q4"), ("chromium", "webgpu", "fp32")])
+@pytest.mark.parametrize("client,device,dtype", [("node", "cpu", "fp32"), ("node", "cpu", "fp16"), ("node", "cpu", "q4"),
+                                                 ("node", "cpu", "q4f16"), ("node", "cpu", "q8"),
+                                                 ("chromium", "wasm", "q4"), ("chromium", "wasm", "q8"),
+                                                 ("chromium", "webgpu", "fp32")])
 def test_fused_variants_in_transformersjs(case, fused, client, device, dtype):
     import onnx
     _, prompts, eos = case
