@@ -155,6 +155,26 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
         raise GraphkitError(f"{output.parent} is not writable; choose another --output")
 
 
+# Output size of each dtype relative to the float32 weights (Qwen2.5 0.5B / 1.5B shapes, benchmarks/RESULTS.md).
+SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "q4": 0.16, "q4f16": 0.145, "q8": 0.25}
+
+
+def _check_free_space(model_dir: Path, output: Path, dtypes: list[str]) -> None:
+    """Refuse to start what cannot finish: the export (which becomes model.onnx) and the other files must fit
+    beside the output (an old output being replaced stays until the new one is complete)."""
+    from graphkit.stream_export import SafetensorsWeights
+    try:
+        fp32 = SafetensorsWeights(Path(model_dir)).fp32_nbytes()
+    except (GraphkitError, OSError, ValueError):
+        return  # not a safetensors folder: the export names the problem itself
+    need = int(fp32 * (1 + sum(SIZE_RATIO[d] for d in dtypes if d != "fp32")))
+    free = shutil.disk_usage(output.parent).free
+    if free < need:
+        raise GraphkitError(f"{output.parent}: {free / 1e9:.1f} GB of disk free, but {', '.join(dtypes)} need at least "
+                            f"about {need / 1e9:.1f} GB (the fp32 export is {fp32 / 1e9:.1f} GB; new weights are also "
+                            "staged there while converting); free some space, choose another --output, or fewer --dtypes")
+
+
 def _swap_into_place(tmp: Path, output: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -181,6 +201,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     dtypes = dtypes or DEFAULT_DTYPES
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
+    _check_free_space(model_dir, output, dtypes)
     chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
     t_start = time.perf_counter()
     results: list[DtypeResult] = []

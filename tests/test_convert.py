@@ -222,3 +222,17 @@ def test_agreement_leaves_large_fp16_to_verify(tmp_path, monkeypatch):
     assert by["fp16"]["ok"] and by["fp16"]["top1_vs_fp32"] is None
     assert "graphkit verify" in by["fp16"]["agreement_note"] and str(tmp_path / "out") in by["fp16"]["agreement_note"]
     assert by["q8"]["top1_vs_fp32"] is not None and by["q8"]["agreement_note"] is None
+
+
+def test_convert_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
+    """Not enough free disk beside the output for the export + the requested files: a clear error before any work,
+    nothing written."""
+    import shutil as _shutil
+    from graphkit import convert as conv
+    from graphkit.errors import GraphkitError
+    real = _shutil.disk_usage
+    monkeypatch.setattr(conv.shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    with pytest.raises(GraphkitError, match=r"GB of disk free, but fp32, q4 need at least"):
+        conv.convert(EXAMPLE / "base", tmp_path / "out", EXAMPLE / "adapter", ["fp32", "q4"])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
