@@ -189,16 +189,25 @@ class GraphIndex:
         return None
 
     def fresh(self, base: str, taken: set[str]) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
+        return fresh_name(base, taken)
 
     def taken_names(self) -> set[str]:
-        g = self.graph
-        return (set(self.inits) | {i.name for i in g.input} | {o.name for o in g.output}
-                | {o for n in g.node for o in n.output} | {n.name for n in g.node if n.name})
+        return taken_names(self.graph)
+
+
+def taken_names(g: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name of ``g`` (initializers, inputs, outputs, node outputs, node names)."""
+    return ({t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+            | {o for n in g.node for o in n.output} | {n.name for n in g.node if n.name})
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2`` … whichever is free; the name is added to ``taken``."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
 
 
 def _to_array(t: TensorProto) -> np.ndarray:

@@ -45,7 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
-from passes._fusion import subgraph_reads
+from passes._fusion import fresh_name, subgraph_reads, taken_names
 from passes._quant import blob_size, k_blocks, quantize_blockwise
 
 MS_DOMAIN = "com.microsoft"
@@ -302,14 +302,8 @@ class MatMulNBitsPass(GraphPass):
         g = model.graph
 
         # 1. Quantize every distinct weight first (this is what can fail); the graph is untouched so far.
-        taken = {t.name for t in g.initializer} | {i.name for i in g.input} | {x.name for x in g.output} \
-            | {out for n in g.node for out in n.output} | {n.name for n in g.node}
-        def fresh(base: str) -> str:
-            name, k = base, 1
-            while name in taken:
-                name, k = f"{base}_{k}", k + 1
-            taken.add(name)
-            return name
+        taken = taken_names(g)
+        fresh = lambda base: fresh_name(base, taken)  # noqa: E731
 
         packed: dict[tuple[str, bool, int], tuple[str, str, str | None]] = {}
         new_inits: list[TensorProto] = []

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
-from passes._fusion import ONNX_DOMAINS, subgraph_reads
+from passes._fusion import ONNX_DOMAINS, fresh_name, subgraph_reads, taken_names
 _FLOAT = {TensorProto.FLOAT, TensorProto.FLOAT16}
 
 
@@ -144,15 +144,8 @@ class PackMatMulPass(GraphPass):
             return PassResult(model, False, "nothing to pack", {"groups": 0})
         g = model.graph
         inits = {t.name: t for t in g.initializer}
-        taken = ({t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
-                 | {o for n in g.node for o in n.output} | {n.name for n in g.node if n.name})
-
-        def fresh(base: str) -> str:
-            name, k = base, 1
-            while name in taken:
-                name, k = f"{base}_{k}", k + 1
-            taken.add(name)
-            return name
+        taken = taken_names(g)
+        fresh = lambda base: fresh_name(base, taken)  # noqa: E731
 
         at: dict[int, list[onnx.NodeProto]] = {}
         drop: set[int] = set()

@@ -140,6 +140,7 @@ async function benchChromium(a, record) {
         '/': path.join(HERE, 'bench_page.html'),
         '/harness/bench_core.mjs': path.join(HERE, 'bench_core.mjs'),
         '/harness/harness_core.mjs': path.join(HERE, 'harness_core.mjs'),
+        '/harness/page_common.mjs': path.join(HERE, 'page_common.mjs'),
         '/harness/config.json': { type: 'application/json; charset=utf-8', data: JSON.stringify(config) },
       },
       routes: [[`/models/${a.modelId}/`, a.modelDir], ['/tjs/', tjsDist], ['/ort/', ortDist]],

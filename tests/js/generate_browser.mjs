@@ -106,6 +106,7 @@ async function main() {
         '/': path.join(HERE, 'page.html'),
         '/page.html': path.join(HERE, 'page.html'),
         '/harness/harness_core.mjs': path.join(HERE, 'harness_core.mjs'),
+        '/harness/page_common.mjs': path.join(HERE, 'page_common.mjs'),
         '/harness/config.json': { type: 'application/json; charset=utf-8', data: JSON.stringify(config) },
       },
       routes: [
