@@ -585,7 +585,8 @@ def main() -> None:
     ap.add_argument("--slow-runs", type=int, default=1, help="timed generations per child for browser q4/q4f16")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--warmup-tokens", type=int, default=2)
+    ap.add_argument("--warmup-tokens", type=int, default=16,
+                    help="untimed tokens first: Chromium runs wasm in baseline code for its first seconds (decode_floor.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout-s", type=int, default=900, help="per child")
     ap.add_argument("--group", default=None, help="name of this run's stored group (default: the clients)")

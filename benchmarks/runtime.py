@@ -127,6 +127,12 @@ def with_accuracy_level(src: Path, bits: int, level: int = 4) -> Path:
     return out
 
 
+def paired(ours: list[dict], other: list[dict]) -> str:
+    """Per-round speed ratio (other's decode ms/token ÷ ours), median [min–max]: alternated rounds run back to back."""
+    r = [o["decode_ms_per_token"] / u["decode_ms_per_token"] for u, o in zip(ours, other)]
+    return C.spread(r, "{:.2f}")
+
+
 def models(base: Path, diag: bool = False) -> dict[str, Path]:
     found = {}
     for who, folder in (("ours", base / "ours" / "onnx"), ("ours-fuse", base / "ours-fuse" / "onnx"),
@@ -267,10 +273,11 @@ def main() -> None:
                      C.ratio(pre, C.med(anchor, "prefill_ms")) if anchor else "—",
                      C.ratio(tps, C.med(anchor, "tokens_per_s")) if anchor else "—",
                      C.ratio(tps, C.med(genai, "tokens_per_s")) if genai else "—",
+                     paired(rs, genai) if genai else "—",
                      C.mb(step), f"{B / step:.1f}", f"{100 * tps / (B / step):.0f}%",
                      " / ".join(f"{r['others_cores']:.2f}" for r in rs)])
     head = ["model", "file size", "load s", "RSS after load / peak", "prefill ms", "decode ms/tok median (best)",
-            "tok/s", "prefill ours/anchor", "tok/s ours/anchor", "tok/s ours/genai", "weights read / token", "bound tok/s",
+            "tok/s", "prefill ours/anchor", "tok/s ours/anchor", "tok/s ours/genai", "ours/genai paired by round", "weights read / token", "bound tok/s",
             "% of bound", "others (cores, per run)"]
     body = f"""## CPU runtime, random-weight Qwen2.5-{a.size} shape
 
@@ -284,7 +291,8 @@ medians of {a.repeats} alternating runs (fresh process each; load + warm-up gene
 its KV head dim made static, see the script's docstring). Diagnostics (`--diag`): *ours-head8acc4* = ours with
 `accuracy_level=4` written on the 8-bit lm_head MatMulNBits node only; *anchor-acc4* = the anchor's q4 with
 `accuracy_level=4` on every MatMulNBits (same weights; attribute patch). "tok/s ours/anchor" above 1 = ours faster;
-"prefill ours/anchor" below 1 = ours faster.
+"prefill ours/anchor" below 1 = ours faster. "paired by round": genai's decode ms/token over ours in the same round
+(the two ran back to back), median [min–max] over rounds — steadier than a ratio of medians when the host drifts.
 
 Memory bandwidth: {bw['read_2proc']:.1f} GB/s read with 2 processes ({' + '.join(f'{x:.1f}' for x in bw['read_each'])});
 1-process numpy copy of 1 GiB: {bw['copy_1proc']:.1f} GB/s (read + write traffic). Bound tok/s = {bw['read_2proc']:.1f} GB/s

@@ -148,7 +148,7 @@ export function chromiumVersion(executable) {
 
 /**
  * Headless Chromium in a fresh profile folder; every host but 127.0.0.1 fails to resolve, so a run is provably
- * offline. `device === 'webgpu'` adds --enable-unsafe-webgpu. Registers its own closers on `cleanups`.
+ * offline. `device === 'webgpu'` adds --enable-unsafe-webgpu; GRAPHKIT_CHROMIUM_FLAGS appends more. Registers its own closers on `cleanups`.
  */
 export async function launchChromium({ executable, device, cleanups, viewport = null }) {
   if (!fs.existsSync(executable)) throw new Error(`Chromium not found at ${executable} (apt-get install -y chromium)`);
@@ -161,6 +161,8 @@ export async function launchChromium({ executable, device, cleanups, viewport = 
     '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',
   ];
   if (device === 'webgpu') args.push('--enable-unsafe-webgpu');
+  // Diagnostics only (e.g. V8's wasm tiering flags): extra switches, space-separated, appended last.
+  if (process.env.GRAPHKIT_CHROMIUM_FLAGS) args.push(...process.env.GRAPHKIT_CHROMIUM_FLAGS.trim().split(/\s+/));
   log(`launching ${executable} ${args.join(' ')}`);
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: executable, headless: true, args, timeout: 60_000, ...(viewport ? { viewport } : {}),
