@@ -20,6 +20,8 @@ alone, so the ``everything else = 0`` ceiling of any q8 graph is measured, not g
   optimized in the background, 2-3x slower for the first ~5-10 s here (measured: the first session's
   median 104 ms, the next ones 47-48 ms; 46 ms at once with ``--js-flags=--no-liftoff``, whose eager
   compile then takes 87 s).
+* The real files' whole graph on one decode step's inputs (past length 144, random keys/values), straight in
+  onnxruntime-web / -node (their own child, same warm-up): graph time without Transformers.js.
 * In the same alternated rounds, Transformers.js generates with the real files (``ours-fuse q8``,
   ``ours q8``, ``anchor q8`` of benchmarks/browser.py: 128-token prompt, 32 new tokens, after an
   untimed ``--warmup-tokens`` generation, long enough for the tier-up above), so the GEMM-only time and
@@ -50,6 +52,7 @@ STEP_FORMS = (  # (key, label, file) — label as shown in the table
     ("ours-head", "ours q8 form, lm_head only", "step-ours-q8-head.onnx"),
 )
 TJS_CONTENDERS = ("ours-fuse q8", "ours q8", "anchor q8")
+PAST = 144  # the middle of the Transformers.js runs' decode (128-token prompt, 32 new tokens)
 
 
 def _fp32_step(out: Path, cfg: dict, layers: int, head: bool) -> None:
@@ -120,11 +123,49 @@ def build(folder: Path, cfg: dict) -> None:
     src.rmdir()
 
 
-def floor_child(client: str, folder: Path, a, rnd: int) -> dict:
-    """One process: a warm-up model, then the step forms (order rotated per round), each timed at M=1."""
-    forms = list(STEP_FORMS[rnd % len(STEP_FORMS):] + STEP_FORMS[:rnd % len(STEP_FORMS)])
-    h = a.cfg["hidden_size"]
-    ops = [{"name": "warm-up", "file": STEP_FORMS[0][2], "K": h}] * 2 + [{"name": k, "file": f, "K": h} for k, _, f in forms]
+def decode_feeds(model: Path, past: int = PAST) -> dict:
+    """One decode step's inputs for a Transformers.js decoder file, in ort_run.mjs's JSON tensor form: token 42 at
+    position ``past``, an all-ones mask, random N(0, 1) past keys/values of length ``past``."""
+    import base64
+
+    import numpy as np
+    import onnx
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in onnx.load(str(model), load_external_data=False).graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if vi.name == "input_ids":
+            arr = np.array([[42]], np.int64)
+        elif vi.name == "attention_mask":
+            arr = np.ones((1, past + 1), np.int64)
+        elif vi.name == "position_ids":
+            arr = np.array([[past]], np.int64)
+        elif vi.name.startswith("past_key_values.") and len(dims) == 4 and dims[1] and dims[3]:
+            arr = rng.standard_normal((1, dims[1], past, dims[3])).astype(np.float32)
+        else:
+            raise SystemExit(f"{model}: no decode-step value for input {vi.name} {dims}")
+        feeds[vi.name] = {"type": {np.int64: "int64", np.float32: "float32"}[arr.dtype.type], "dims": list(arr.shape),
+                          "b64": base64.b64encode(arr.tobytes()).decode()}
+    return feeds
+
+
+def real_files(folder: Path, base: Path, contenders: list[str]) -> list[dict]:
+    """The real q8 files, hard-linked into the step folder (the harness serves one folder), with their feeds."""
+    out = []
+    for name in contenders:
+        dst = folder / f"real-{name.replace(' ', '-')}.onnx"
+        if not dst.exists():
+            C.link_or_copy(B.contender_file(base, name), dst)
+        out.append({"name": f"real {name}", "file": dst.name, "feeds": decode_feeds(dst)})
+    return out
+
+
+def ops_child(client: str, folder: Path, a, rnd: int, todo: list[dict]) -> dict:
+    """One process: two untimed warm-up sessions of the first model, then the models (order rotated per round),
+    each timed at M=1. The GEMM-only forms and the real files run in separate processes: after the step models,
+    the real files' session.run measured 61-76 ms in the same page against 53-59 ms in a page of their own."""
+    todo = todo[rnd % len(todo):] + todo[:rnd % len(todo)]
+    ops = [{**todo[0], "name": "warm-up"}] * 2 + todo
     (folder / "ops.json").write_text(json.dumps(ops))
     ids = folder / "ids.json"
     ids.write_text("[0]")  # M=1 only
@@ -141,7 +182,7 @@ def floor_child(client: str, folder: Path, a, rnd: int) -> dict:
             raise SystemExit(f"{client} {o['name']}: {o['error']}")
         if o["name"] != "warm-up":
             out["ms"][o["name"]] = o["ms"]["1"]
-    C.log(f"  {client} GEMM-only: " + ", ".join(f"{k} {v:.1f} ms" for k, v in out["ms"].items()))
+    C.log(f"  {client}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in out["ms"].items()))
     return out
 
 
@@ -172,14 +213,18 @@ def main() -> None:
     targs = SimpleNamespace(runs=a.runs, slow_runs=1, new_tokens=32, warmup_tokens=a.warmup_tokens, threads=a.threads,
                             timeout_s=a.timeout_s)
     a.cfg = cfg
+    a.real = real_files(folder, base, contenders)
 
     def run_one(key: str, rnd: int) -> dict:
         client, what = key.split("|")
         if what == "step":
-            return floor_child(client, folder, a, rnd)
+            h = cfg["hidden_size"]
+            return ops_child(client, folder, a, rnd, [{"name": k, "file": f, "K": h} for k, _, f in STEP_FORMS])
+        if what == "graph":
+            return ops_child(client, folder, a, rnd, a.real)
         return B.measure(base, client, what, targs, prompt_file)
 
-    keys = [f"{c}|{w}" for c in clients for w in ("step", *contenders)]
+    keys = [f"{c}|{w}" for c in clients for w in ("step", "graph", *contenders)]
     runs = C.alternate(keys, a.repeats, run_one)
 
     rows = []
@@ -194,9 +239,13 @@ def main() -> None:
             rows.append([client, f"GEMMs only: {label}", C.mb(C.file_bytes(folder / file)), f"{gemm[key]:.1f}", "—",
                          f"{anchor / gemm[key]:.2f}" if anchor and key in ("ours", "anchor") else "—"])
         for n in contenders:
+            real = statistics.median(g["ms"][f"real {n}"] for g in runs[f"{client}|graph"])
+            rows.append([client, f"onnxruntime session.run, {n} file (one decode step, past {PAST})",
+                         C.mb(C.file_bytes(B.contender_file(base, n))), f"{real:.1f}", f"{real - gemm['ours']:.1f}",
+                         f"{anchor / real:.2f}" if anchor else "—"])
             if n in tjs:
                 rows.append([client, f"Transformers.js, {n} (whole step)", C.mb(C.file_bytes(B.contender_file(base, n))),
-                             f"{tjs[n]:.1f}", f"{tjs[n] - gemm['ours']:.1f}",
+                             f"{tjs[n]:.1f}", f"{tjs[n] - gemm['ours']:.1f} ({tjs[n] - real:+.1f} over session.run)",
                              f"{anchor / tjs[n]:.2f}" if anchor else "—"])
     others = {c: statistics.median(r["others_cores"] for k, rs in runs.items() if k.startswith(c + "|") for r in rs)
               for c in clients}
@@ -209,7 +258,10 @@ what is built and timed). {a.repeats} alternated rounds, fresh process per child
 CPU during the children (median cores): {", ".join(f"{c} {v:.2f}" for c, v in others.items())}.
 
 "ms" is per decode step: GEMM-only rows time the step's int8 GEMMs alone (M=1, nothing else in the graph);
-Transformers.js rows are the whole step (decode ms/token, 128-token prompt). "rest" = whole step − ours GEMM-only.
+session.run rows the real file's whole graph on one decode step's inputs (past length {PAST}), straight in
+onnxruntime (a process of their own, same warm-up); Transformers.js rows the whole step as users get it (decode ms/token, 128-token prompt, so past
+128-160). "rest" = this row − ours GEMM-only (in brackets for Transformers.js: − that file's session.run, i.e. what
+Transformers.js itself adds per token: feeding the KV cache in and out, sampling, its tensors).
 "anchor q8 ÷ this" is the anchor's Transformers.js q8 ms/token over this row's ms: for a GEMM-only row, the speed-up
 over the anchor's q8 that a graph with those GEMMs would reach if everything else in its step took no time.
 

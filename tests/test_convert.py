@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -165,6 +166,25 @@ def test_pipeline_override_replaces_one_dtype(tmp_path):
     head = [n for n in m.graph.node if n.op_type == "MatMulNBits"
             and next(a.i for a in n.attribute if a.name == "N") == 2048]
     assert head and all(next(a.i for a in n.attribute if a.name == "bits") == 4 for n in head)
+
+
+BROWSER_Q8 = "fuse-rmsnorm,fuse-rotary,pack-matmul,matmul-int8(quantize_embedding_gather=true)"
+
+
+def test_browser_q8_pipeline_from_the_docs(tmp_path):
+    """docs/q8.md's q8 spec for browser-first files (the fusions but GroupQueryAttention, which is slow on prompts in
+    onnxruntime-web's wasm): it runs, keeps q8's agreement with the fp32 file, and has no GroupQueryAttention."""
+    import onnx
+    docs = Path(__file__).resolve().parents[1] / "docs" / "q8.md"
+    assert f'"q8={BROWSER_Q8}"' in docs.read_text()
+    out = tmp_path / "o"
+    res = _cli("convert", "--output", out, "--dtypes", "fp32,q8", "--pipeline", f"q8={BROWSER_Q8}", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    q8 = next(d for d in json.loads(res.stdout)["dtypes"] if d["dtype"] == "q8")
+    assert q8["top1_vs_fp32"] >= 0.95 and q8["kl_vs_fp32"] < 0.01, q8
+    ops = {n.op_type for n in onnx.load(str(out / "onnx" / "model_quantized.onnx")).graph.node}
+    assert {"SimplifiedLayerNormalization", "RotaryEmbedding", "MatMulInteger"} <= ops
+    assert "GroupQueryAttention" not in ops
 
 
 @pytest.mark.parametrize("item,needle", [("q3=fp16", "DTYPE one of"), ("q4", "DTYPE=SPEC"),

@@ -67,14 +67,30 @@ export async function runBenchmark(T, opts) {
   return { dtype, device, load_ms, warmup_ms, runs: results, transformers_version: T.env?.version ?? null };
 }
 
+const TYPED = {
+  float32: Float32Array, float16: Uint16Array, int64: BigInt64Array, int32: Int32Array, int8: Int8Array,
+  uint8: Uint8Array, bool: Uint8Array,
+};
+
+/** {name: {type, dims, b64}} (ort_run.mjs's tensor form) → onnxruntime Tensors; works in Node and in pages. */
+export function tensorsFromJson(ort, feeds) {
+  const out = {};
+  for (const [name, t] of Object.entries(feeds)) {
+    const bytes = Uint8Array.from(atob(t.b64), (c) => c.charCodeAt(0));
+    out[name] = new ort.Tensor(t.type, new TYPED[t.type](bytes.buffer), t.dims);
+  }
+  return out;
+}
+
 /**
  * Single-operator timing (diagnostics for which graph form is fast where): for each model (one linear layer in
  * some graph form, input "A" [M, K] float32), create an onnxruntime session (timed), run it twice untimed per M,
- * then `iters` timed runs; median ms per M.
+ * then `iters` timed runs; median ms per M. A model given `feeds` ({name: {type, dims, b64}}: e.g. a whole
+ * decoder's decode step) is run on exactly those inputs instead and reported as M=1.
  *
  * @param {object} ort onnxruntime-node or onnxruntime-web
- * @param {object} opts { models: [{name, file, K}], load(file) → path or Uint8Array, ms: [1, 128], iters,
- *   sessionOptions, log }
+ * @param {object} opts { models: [{name, file, K} | {name, file, feeds}], load(file) → path or Uint8Array,
+ *   ms: [1, 128], iters, sessionOptions, log }
  */
 export async function runOps(ort, opts) {
   const { models, load, ms = [1, 128], iters = 5, sessionOptions = {}, log = () => {} } = opts;
@@ -86,10 +102,15 @@ export async function runOps(ort, opts) {
       const session = await ort.InferenceSession.create(await load(m.file), sessionOptions);
       row.session_ms = now() - t0;
       row.ms = {};
-      for (const M of ms) {
-        const a = new Float32Array(M * m.K);
-        for (let i = 0; i < a.length; ++i) a[i] = Math.sin(i * 0.37) * 2;
-        const feeds = { A: new ort.Tensor('float32', a, [M, m.K]) };
+      for (const M of m.feeds ? [1] : ms) {
+        let feeds;
+        if (m.feeds) {
+          feeds = tensorsFromJson(ort, m.feeds);
+        } else {
+          const a = new Float32Array(M * m.K);
+          for (let i = 0; i < a.length; ++i) a[i] = Math.sin(i * 0.37) * 2;
+          feeds = { A: new ort.Tensor('float32', a, [M, m.K]) };
+        }
         for (let w = 0; w < 2; ++w) await session.run(feeds);
         const times = [];
         for (let i = 0; i < iters; ++i) {

@@ -9,17 +9,15 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
 import {
   Cleanups, chromiumVersion, closeServer, launchChromium, resolvePackages, startServer,
 } from './chromium_common.mjs';
 import {
-  HarnessError, UsageError, emitJson, fail, log, ortNodeModule, routeConsoleToStderr,
+  HarnessError, UsageError, emitJson, fail, log, modelIdOf, ortNodeModule, parseOptions, routeConsoleToStderr,
 } from './cli_common.mjs';
 import { runBenchmark, runOps } from './bench_core.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-const MODEL_ID_RE = /^\b[\w\-.]{1,96}\b$/;
 
 const USAGE = `usage: node bench_tjs.mjs --client node|chromium --model-dir DIR --dtype q8 --prompt-ids ids.json
          [--device cpu|wasm|webgpu] [--new-tokens 32] [--runs 1] [--warmup-tokens 2] [--threads 2]
@@ -35,34 +33,20 @@ const USAGE = `usage: node bench_tjs.mjs --client node|chromium --model-dir DIR 
                    M = 1 and --prompt-ids' length, --runs timed runs each (no --dtype, no config.json needed)`;
 
 function parse(argv) {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      strict: true,
-      options: {
-        client: { type: 'string', default: 'node' },
-        'model-dir': { type: 'string' },
-        dtype: { type: 'string', default: 'q8' },
-        device: { type: 'string' },
-        'prompt-ids': { type: 'string' },
-        'new-tokens': { type: 'string', default: '32' },
-        runs: { type: 'string', default: '1' },
-        'warmup-tokens': { type: 'string', default: '2' },
-        threads: { type: 'string', default: '2' },
-        'timeout-s': { type: 'string', default: '900' },
-        chromium: { type: 'string', default: '/usr/bin/chromium' },
-        ops: { type: 'boolean', default: false },
-        help: { type: 'boolean', short: 'h', default: false },
-      },
-    }));
-  } catch (e) {
-    throw new UsageError(`${e.message}\n\n${USAGE}`);
-  }
-  if (values.help) {
-    process.stderr.write(`${USAGE}\n`);
-    process.exit(0);
-  }
+  const values = parseOptions(argv, {
+    client: { type: 'string', default: 'node' },
+    'model-dir': { type: 'string' },
+    dtype: { type: 'string', default: 'q8' },
+    device: { type: 'string' },
+    'prompt-ids': { type: 'string' },
+    'new-tokens': { type: 'string', default: '32' },
+    runs: { type: 'string', default: '1' },
+    'warmup-tokens': { type: 'string', default: '2' },
+    threads: { type: 'string', default: '2' },
+    'timeout-s': { type: 'string', default: '900' },
+    chromium: { type: 'string', default: '/usr/bin/chromium' },
+    ops: { type: 'boolean', default: false },
+  }, USAGE);
   const client = values.client;
   if (!['node', 'chromium'].includes(client)) throw new UsageError(`--client must be node or chromium\n\n${USAGE}`);
   const device = values.device ?? (client === 'node' ? 'cpu' : 'wasm');
@@ -71,8 +55,7 @@ function parse(argv) {
   const modelDir = path.resolve(values['model-dir']);
   const need = values.ops ? 'ops.json' : 'config.json';
   if (!fs.existsSync(path.join(modelDir, need))) throw new UsageError(`${modelDir} has no ${need}`);
-  const modelId = path.basename(modelDir);
-  if (!MODEL_ID_RE.test(modelId)) throw new UsageError(`model folder name "${modelId}" is not a valid Transformers.js id`);
+  const modelId = modelIdOf(modelDir);
   const int = (k, min) => {
     const v = Number.parseInt(values[k], 10);
     if (!Number.isInteger(v) || v < min) throw new UsageError(`--${k} must be an integer >= ${min}`);

@@ -32,24 +32,14 @@ export function log(msg) {
 }
 
 /**
- * Parse argv with the options shared by both scripts plus `extra` (node:util parseArgs option specs).
- * Returns { values, modelDir, modelId, localModelPath, prompts }.
+ * node:util parseArgs (strict) with the harness conventions: a parse error is a UsageError carrying `usage`, and
+ * -h/--help prints `usage` and exits 0. Returns the parsed values.
  */
-export function parseCommon(argv, extra, usage) {
+export function parseOptions(argv, options, usage) {
   let values;
   try {
     ({ values } = parseArgs({
-      args: argv,
-      strict: true,
-      options: {
-        'model-dir': { type: 'string' },
-        dtype: { type: 'string', default: 'q4' },
-        prompts: { type: 'string' },
-        'max-new-tokens': { type: 'string', default: '32' },
-        'add-special-tokens': { type: 'boolean', default: false },
-        help: { type: 'boolean', short: 'h', default: false },
-        ...extra,
-      },
+      args: argv, strict: true, options: { help: { type: 'boolean', short: 'h', default: false }, ...options },
     }));
   } catch (e) {
     throw new UsageError(`${e.message}\n\n${usage}`);
@@ -58,6 +48,32 @@ export function parseCommon(argv, extra, usage) {
     process.stderr.write(`${usage}\n`);
     process.exit(0);
   }
+  return values;
+}
+
+/** The Transformers.js model id of a folder (its basename), or a UsageError saying how to fix the name. */
+export function modelIdOf(modelDir) {
+  const modelId = path.basename(modelDir);
+  if (!MODEL_ID_RE.test(modelId)) {
+    throw new UsageError(`model folder name "${modelId}" is not a valid Transformers.js model id `
+      + '(letters, digits, "-", "_", "." only; max 96 chars). Rename or symlink the folder.');
+  }
+  return modelId;
+}
+
+/**
+ * Parse argv with the options shared by both scripts plus `extra` (node:util parseArgs option specs).
+ * Returns { values, modelDir, modelId, localModelPath, prompts }.
+ */
+export function parseCommon(argv, extra, usage) {
+  const values = parseOptions(argv, {
+    'model-dir': { type: 'string' },
+    dtype: { type: 'string', default: 'q4' },
+    prompts: { type: 'string' },
+    'max-new-tokens': { type: 'string', default: '32' },
+    'add-special-tokens': { type: 'boolean', default: false },
+    ...extra,
+  }, usage);
   if (!values['model-dir']) throw new UsageError(`--model-dir is required\n\n${usage}`);
   if (!values.prompts) throw new UsageError(`--prompts is required\n\n${usage}`);
 
@@ -65,11 +81,7 @@ export function parseCommon(argv, extra, usage) {
   if (!fs.existsSync(path.join(modelDir, 'config.json'))) {
     throw new UsageError(`model dir ${modelDir} has no config.json`);
   }
-  const modelId = path.basename(modelDir);
-  if (!MODEL_ID_RE.test(modelId)) {
-    throw new UsageError(`model folder name "${modelId}" is not a valid Transformers.js model id `
-      + '(letters, digits, "-", "_", "." only; max 96 chars). Rename or symlink the folder.');
-  }
+  const modelId = modelIdOf(modelDir);
   const maxNewTokens = Number.parseInt(values['max-new-tokens'], 10);
   if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) {
     throw new UsageError(`--max-new-tokens must be a positive integer, got ${values['max-new-tokens']}`);

@@ -7,10 +7,9 @@
 // little-endian bytes>"}}. Prints exactly one JSON object on stdout: {outputs: {...same form...}, device,
 // onnxruntime_version, adapter} or {error} (exit 1).
 import fs from 'node:fs';
-import { parseArgs } from 'node:util';
 import { Cleanups, closeServer, launchChromium, resolvePackages, startServer } from './chromium_common.mjs';
 import {
-  HarnessError, UsageError, emitJson, fail, log, ortNodeModule, routeConsoleToStderr,
+  HarnessError, UsageError, emitJson, fail, log, ortNodeModule, parseOptions, routeConsoleToStderr,
 } from './cli_common.mjs';
 
 const USAGE = `usage: node ort_run.mjs --model FILE.onnx --feeds FEEDS.json [--device webgpu|wasm|node]
@@ -26,17 +25,11 @@ const TYPED = {
 };
 
 function parse(argv) {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv, strict: true,
-      options: {
-        model: { type: 'string' }, feeds: { type: 'string' }, device: { type: 'string', default: 'webgpu' },
-        'hide-features': { type: 'string', default: '' },
-        'timeout-s': { type: 'string', default: '600' }, chromium: { type: 'string', default: '/usr/bin/chromium' },
-      },
-    }));
-  } catch (e) { throw new UsageError(`${e.message}\n\n${USAGE}`); }
+  const values = parseOptions(argv, {
+    model: { type: 'string' }, feeds: { type: 'string' }, device: { type: 'string', default: 'webgpu' },
+    'hide-features': { type: 'string', default: '' },
+    'timeout-s': { type: 'string', default: '600' }, chromium: { type: 'string', default: '/usr/bin/chromium' },
+  }, USAGE);
   if (!values.model || !values.feeds) throw new UsageError(`--model and --feeds are required\n\n${USAGE}`);
   if (!['webgpu', 'wasm', 'node'].includes(values.device)) throw new UsageError(`--device must be webgpu, wasm or node\n\n${USAGE}`);
   for (const f of [values.model, values.feeds]) if (!fs.existsSync(f)) throw new UsageError(`no such file: ${f}`);
