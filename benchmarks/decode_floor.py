@@ -124,29 +124,26 @@ def build(folder: Path, cfg: dict) -> None:
 
 
 def decode_feeds(model: Path, past: int = PAST) -> dict:
-    """One decode step's inputs for a Transformers.js decoder file, in ort_run.mjs's JSON tensor form: token 42 at
+    """One decode step's inputs for a Transformers.js decoder file, in the harness's JSON tensor form: token 42 at
     position ``past``, an all-ones mask, random N(0, 1) past keys/values of length ``past``."""
-    import base64
-
     import numpy as np
     import onnx
+    from graphkit.tjs import tensors_to_json
     rng = np.random.default_rng(0)
     feeds = {}
     for vi in onnx.load(str(model), load_external_data=False).graph.input:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
         if vi.name == "input_ids":
-            arr = np.array([[42]], np.int64)
+            feeds[vi.name] = np.array([[42]], np.int64)
         elif vi.name == "attention_mask":
-            arr = np.ones((1, past + 1), np.int64)
+            feeds[vi.name] = np.ones((1, past + 1), np.int64)
         elif vi.name == "position_ids":
-            arr = np.array([[past]], np.int64)
+            feeds[vi.name] = np.array([[past]], np.int64)
         elif vi.name.startswith("past_key_values.") and len(dims) == 4 and dims[1] and dims[3]:
-            arr = rng.standard_normal((1, dims[1], past, dims[3])).astype(np.float32)
+            feeds[vi.name] = rng.standard_normal((1, dims[1], past, dims[3])).astype(np.float32)
         else:
             raise SystemExit(f"{model}: no decode-step value for input {vi.name} {dims}")
-        feeds[vi.name] = {"type": {np.int64: "int64", np.float32: "float32"}[arr.dtype.type], "dims": list(arr.shape),
-                          "b64": base64.b64encode(arr.tobytes()).decode()}
-    return feeds
+    return tensors_to_json(feeds)
 
 
 def real_files(folder: Path, base: Path, contenders: list[str]) -> list[dict]:

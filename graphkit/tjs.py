@@ -161,6 +161,16 @@ _NP_TO_ORT = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", 
 _ORT_TO_NP = {v: k for k, v in _NP_TO_ORT.items()}
 
 
+def tensors_to_json(feeds: dict[str, np.ndarray]) -> dict:
+    """Arrays in the harness's JSON tensor form ``{name: {type, dims, b64}}`` (ort_run.mjs, bench_core.runOps)."""
+    import base64
+    out = {}
+    for name, arr in feeds.items():
+        arr = np.ascontiguousarray(arr)
+        out[name] = {"type": _NP_TO_ORT[arr.dtype], "dims": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
+    return out
+
+
 def run_model(model: Path, feeds: dict[str, np.ndarray], device: str = "webgpu", timeout_s: int = 600,
               hide_features: tuple[str, ...] = ()) -> dict:
     """Run one ONNX file once in Transformers.js's runtimes: onnxruntime-web in headless Chromium (``webgpu`` or
@@ -171,11 +181,7 @@ def run_model(model: Path, feeds: dict[str, np.ndarray], device: str = "webgpu",
     import base64
     if not (HARNESS / "node_modules" / "@huggingface" / "transformers").is_dir():
         raise GraphkitError(f"{HARNESS}: Transformers.js is not installed; run `bash scripts/setup.sh`")
-    payload = {}
-    for name, arr in feeds.items():
-        arr = np.ascontiguousarray(arr)
-        payload[name] = {"type": _NP_TO_ORT[arr.dtype], "dims": list(arr.shape),
-                         "b64": base64.b64encode(arr.tobytes()).decode()}
+    payload = tensors_to_json(feeds)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(payload, fh)
         feeds_path = fh.name

@@ -320,12 +320,8 @@ def toposort(model: onnx.ModelProto) -> None:
     deps: list[set[int]] = []
     for k, n in enumerate(nodes):
         names = {i for i in n.input if i}
-        for a in n.attribute:  # a subgraph's reads of outer-scope names are dependencies of its node
-            if a.type == onnx.AttributeProto.GRAPH:
-                names |= _subgraph_reads_of(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for s in a.graphs:
-                    names |= _subgraph_reads_of(s)
+        for sub in _subgraphs(n):  # a subgraph's reads of outer-scope names are dependencies of its node
+            names |= _subgraph_reads_of(sub)
         deps.append({produced_by[x] for x in names if x in produced_by and produced_by[x] != k})
     waiting = [len(d) for d in deps]
     users: list[list[int]] = [[] for _ in nodes]
@@ -355,12 +351,8 @@ def _subgraph_reads_of(sub: onnx.GraphProto) -> set[str]:
     reads: set[str] = set()
     for n in sub.node:
         reads.update(i for i in n.input if i and i not in inner)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                reads |= _subgraph_reads_of(a.g) - inner
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for s in a.graphs:
-                    reads |= _subgraph_reads_of(s) - inner
+        for s in _subgraphs(n):
+            reads |= _subgraph_reads_of(s) - inner
     return reads
 
 

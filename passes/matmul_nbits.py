@@ -45,10 +45,9 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
-from passes._fusion import fresh_name, subgraph_reads, taken_names
+from passes._fusion import MS_DOMAIN, ensure_opset, fresh_name, subgraph_reads, taken_names
 from passes._quant import blob_size, k_blocks, quantize_blockwise
 
-MS_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
@@ -359,8 +358,7 @@ class MatMulNBitsPass(GraphPass):
 
         # 3. Remove what nothing reads any more: Identity/Transpose, then the float weights / Constants.
         removed = self._remove_dead(model, via_outs, roots)
-        if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        ensure_opset(model, MS_DOMAIN)
 
         details = {
             "quantized": len(jobs),

@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, option
+from passes._fusion import MS_DOMAIN, ensure_opset
 from passes._quant import k_blocks, quantize_blockwise
 
 
@@ -132,7 +133,7 @@ class TiedEmbeddingPass(GraphPass):
             head_attrs["accuracy_level"] = o.accuracy_level
         head_inputs = [tie.head.input[0], names["q"], names["scales"]] + ([names["zero_points"]] if zps is not None else [])
         head = helper.make_node("MatMulNBits", head_inputs, list(tie.head.output),
-                                name=(tie.head.name or "lm_head") + "_tied_q", domain="com.microsoft", **head_attrs)
+                                name=(tie.head.name or "lm_head") + "_tied_q", domain=MS_DOMAIN, **head_attrs)
 
         # lookup → Gather packed rows + scales, unpack, dequantize
         ids, out = tie.gather.input[1], tie.gather.output[0]
@@ -205,8 +206,7 @@ class TiedEmbeddingPass(GraphPass):
         removed = [t.name for t in g.initializer if t.name not in used]
         del g.initializer[:]
         g.initializer.extend(kept + new_inits + consts)
-        if not any(op.domain == "com.microsoft" for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        ensure_opset(model, MS_DOMAIN)
         saved = E.nbytes * (2 if tie.transpose is None else 1) - packed.nbytes - scales.nbytes - (0 if zps is None else zps.nbytes)
         return PassResult(model, True,
                           f"table {tie.table} [{vocab}x{hidden}] stored once in {o.bits} bits (block {o.block_size}, "
