@@ -50,7 +50,7 @@ PIPELINES: dict[str, str] = {
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
-FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul"
+FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
 FP16_KV_DTYPES = {"fp16", "q4f16"}
 
 

@@ -8,11 +8,12 @@ from passes.fuse_rotary import FuseRotaryPass
 from passes.kv_rename import KvRenamePass
 from passes.matmul_int8 import MatMulInt8Pass
 from passes.matmul_nbits import MatMulNBitsPass
+from passes.pack_gqa import PackGqaPass
 from passes.pack_matmul import PackMatMulPass
 from passes.tied_embedding import TiedEmbeddingPass
 
 PASSES = {cls.name: cls for cls in (KvRenamePass, FuseRmsNormPass, FuseRotaryPass, FuseGqaPass, TiedEmbeddingPass,
-                                    PackMatMulPass, MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
+                                    PackMatMulPass, PackGqaPass, MatMulNBitsPass, MatMulInt8Pass, Fp16Pass)}
 
 __all__ = ["PASSES", "Fp16Pass", "FuseGqaPass", "FuseRmsNormPass", "FuseRotaryPass", "KvRenamePass",
-           "MatMulInt8Pass", "MatMulNBitsPass", "PackMatMulPass", "TiedEmbeddingPass"]
+           "MatMulInt8Pass", "MatMulNBitsPass", "PackGqaPass", "PackMatMulPass", "TiedEmbeddingPass"]

@@ -15,6 +15,8 @@ from graphkit.errors import GraphkitError, PassNotApplicable
 from passes.fuse_rmsnorm import FuseRmsNormPass
 from passes.fuse_gqa import FuseGqaPass
 from passes.fuse_rotary import FuseRotaryPass
+from passes.pack_gqa import PackGqaPass
+from passes.pack_matmul import PackMatMulPass
 
 F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 RNG = np.random.default_rng(7)
@@ -493,10 +495,93 @@ def test_gqa_needs_rotary_fused_first():
         FuseGqaPass(padding="left")
 
 
+def _packed_attn(padding="bias", H=16):
+    """_attn_graph after fuse-gqa + pack-matmul: Split -> 2 RotaryEmbedding -> GroupQueryAttention."""
+    m = FuseGqaPass(padding=padding)(_attn_graph(H=H)).model
+    res = PackMatMulPass()(m)
+    assert res.modified and _ops(res.model)["Split"] == 1, res.summary
+    return res.model
+
+
+def _prefill_then_decode(model, pads, s=5, steps=2, seed=0):
+    """attn_out and presents of a prefill from an empty past, then one-token steps fed the presents back."""
+    f = _attn_feeds(len(pads), s, 0, pads, H=16, seed=seed)
+    runs = [(f, _run(model, f))]
+    rng = np.random.default_rng(seed + 1)
+    for _ in range(steps):
+        prev_f, prev = runs[-1]
+        mask = np.concatenate([prev_f["attention_mask"], np.ones((len(pads), 1), np.int64)], 1)
+        pos = (np.cumsum(mask, 1) - 1)[:, -1:]
+        f = {"x": rng.standard_normal((len(pads), 1, 16)).astype(np.float32), "attention_mask": mask,
+             "position_ids": pos, "past_key_values.0.key": prev["present.0.key"],
+             "past_key_values.0.value": prev["present.0.value"]}
+        runs.append((f, _run(model, f)))
+    return runs
+
+
+def test_pack_gqa_smallest_block():
+    """One attention block: GQA reads the packed projection with do_rotary=1; outputs equal the graph before."""
+    m = _packed_attn()
+    res = PackGqaPass()(_copy(m))
+    assert res.modified, res.summary
+    ops = _ops(res.model)
+    assert "Split" not in ops and "RotaryEmbedding" not in ops and ops["GroupQueryAttention"] == 1
+    gqa = next(n for n in res.model.graph.node if n.op_type == "GroupQueryAttention")
+    a = {x.name: helper.get_attribute_value(x) for x in gqa.attribute}
+    assert (a["do_rotary"], a["rotary_interleaved"], a["num_heads"], a["kv_num_heads"]) == (1, 0, 4, 2)
+    assert gqa.input[1] == gqa.input[2] == "" and gqa.input[7:9] == ["cos_cache", "sin_cache"]
+    assert [i.name for i in res.model.graph.input] == [i.name for i in m.graph.input]
+    for pads in [(0,), (0, 0)]:  # batch 1 and an unpadded batch: everything equal, presents included
+        for (_, want), (_, got) in zip(_prefill_then_decode(m, pads), _prefill_then_decode(res.model, pads)):
+            for k in want:
+                assert np.abs(got[k] - want[k]).max() < 1e-5, (pads, k)
+
+
+def test_pack_gqa_left_padding_exact_on_real_tokens():
+    """Left padding (padding=bias): GQA rotates by the cache index, the graph before by position_ids; rotary
+    is relative, so every real token's attention output is the same through prefill and decode."""
+    m = _packed_attn()
+    packed = PackGqaPass()(_copy(m)).model
+    for (f, want), (_, got) in zip(_prefill_then_decode(m, (2, 0)), _prefill_then_decode(packed, (2, 0))):
+        valid = _valid_rows(f)
+        assert np.abs(got["attn_out"] - want["attn_out"])[valid].max() < 1e-5
+        assert np.abs(got["present.0.value"] - want["present.0.value"]).max() < 1e-5
+        assert np.abs(got["present.0.key"][1] - want["present.0.key"][1]).max() < 1e-5  # the unpadded row
+
+
+def test_pack_gqa_lookalikes_left_alone():
+    m = _packed_attn()
+    # GQA's own rotary needs head_dim % 16 == 0 (onnxruntime refuses to run it otherwise)
+    res = PackGqaPass()(_packed_attn(H=8))
+    assert not res.modified and "multiple of 16" in res.summary
+    # q/k/v not split from one tensor: nothing to pack, says which pass is missing
+    res = PackGqaPass()(FuseGqaPass(padding="bias")(_attn_graph(H=16)).model)
+    assert not res.modified and "pack-matmul" in res.summary
+    # the q half of the split also read elsewhere (an output): the Split must stay
+    extra = _copy(m)
+    split = next(n for n in extra.graph.node if n.op_type == "Split")
+    extra.graph.output.append(onnx.ValueInfoProto(name=split.output[0]))
+    before = extra.SerializeToString()
+    res = PackGqaPass()(extra)
+    assert not res.modified and "other readers" in res.summary and extra.SerializeToString() == before
+    # q and k rotated with different positions
+    other = _copy(m)
+    rot = [n for n in other.graph.node if n.op_type == "RotaryEmbedding"]
+    other.graph.initializer.append(numpy_helper.from_array(np.zeros((64, 8), np.float32), "other_cos"))
+    rot[1].input[2] = "other_cos"
+    res = PackGqaPass()(other)
+    assert not res.modified and "different positions or cos/sin" in res.summary
+    # already packed: a second run is not applicable and changes nothing
+    once = PackGqaPass()(_copy(m)).model
+    again = PackGqaPass()(once)
+    assert not again.modified and again.summary.startswith("not applicable")
+
+
 # ============================================================================= tiny exported models
 TOL = 1e-4  # logits vs the unfused model (float32)
 FUSIONS = {"rmsnorm": lambda: FuseRmsNormPass(), "rotary": lambda: FuseRotaryPass(max_positions=256),
-           "gqa": lambda: FuseGqaPass(), "gqa-bias": lambda: FuseGqaPass(padding="bias")}
+           "gqa": lambda: FuseGqaPass(), "gqa-bias": lambda: FuseGqaPass(padding="bias"),
+           "pack-matmul": lambda: PackMatMulPass(), "pack-gqa": lambda: PackGqaPass()}
 
 
 @pytest.fixture(scope="module", params=["dynamo", "torchscript", "llama-torchscript"])
@@ -559,7 +644,8 @@ def reference_runs(tiny_export):
 
 
 @pytest.mark.parametrize("chain", [("rmsnorm",), ("rotary",), ("rotary", "gqa"), ("rmsnorm", "rotary", "gqa-bias"),
-                                   ("rotary", "gqa", "rmsnorm")])
+                                   ("rotary", "gqa", "rmsnorm"),
+                                   ("rmsnorm", "rotary", "gqa-bias", "pack-matmul", "pack-gqa")])
 def test_tiny_export_fused_matches_unfused(tiny_export, reference_runs, chain):
     name, model, layers = tiny_export
     ops0 = _ops(model)
@@ -569,13 +655,18 @@ def test_tiny_export_fused_matches_unfused(tiny_export, reference_runs, chain):
         res = FUSIONS[step]()(m)
         assert res.modified, f"{name}: {step}: {res.summary}"
         assert not res.details.get("not_fused") or step == "rmsnorm", res.details["not_fused"]
+        assert not res.details.get("not_packed"), res.details["not_packed"]
         summaries.append(res.summary)
         m = res.model
     ops = _ops(m)
     if "rmsnorm" in chain:
         assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["SimplifiedLayerNormalization"] == 1
         assert "ReduceMean" not in ops and "Pow" not in ops
-    if "rotary" in chain:
+    if "pack-gqa" in chain:  # the rotary moved into GroupQueryAttention (do_rotary=1), q/k/v read packed
+        assert "RotaryEmbedding" not in ops and ops["Split"] == layers  # only the MLP's gate/up Splits stay
+        assert sum(1 for n in m.graph.node if n.op_type == "GroupQueryAttention"
+                   and any(a.name == "do_rotary" and a.i == 1 for a in n.attribute) and not n.input[1]) == layers
+    elif "rotary" in chain:
         assert ops["RotaryEmbedding"] == 2 * layers and "Neg" not in ops and "Cos" not in ops
     if any(s.startswith("gqa") for s in chain):
         assert ops["GroupQueryAttention"] == layers and "Softmax" not in ops and "IsNaN" not in ops
@@ -637,13 +728,15 @@ try {
 
 
 @pytest.mark.js
+@pytest.mark.parametrize("packed", [False, True], ids=["split-qkv", "pack-gqa"])
 @pytest.mark.parametrize("variant", ["fp32", "q4f16"])
-def test_fused_model_runs_in_transformersjs_runtimes(tiny_export, tmp_path, variant):
+def test_fused_model_runs_in_transformersjs_runtimes(tiny_export, tmp_path, variant, packed):
     """The fused graph (all three fusions) loads and runs in the onnxruntime builds Transformers.js
     ships (tests/js: onnxruntime-node for Node, onnxruntime-web wasm for the browser) and gives the
     logits Python onnxruntime gives on the same file. q4f16 = matmul-nbits + fp16 with the KV cache in
     float16 (fp16's default): with ``keep_io_types`` (fp32 KV cache behind Casts) onnxruntime-node
-    1.30 / -web 1.31 fail in GroupQueryAttention ("Shape mismatch attempting to re-use buffer")."""
+    1.30 / -web 1.31 fail in GroupQueryAttention ("Shape mismatch attempting to re-use buffer").
+    pack-gqa: GQA reads the packed q/k/v projection and rotates q/k itself (do_rotary=1)."""
     import json
     import shutil
     import subprocess
@@ -658,8 +751,10 @@ def test_fused_model_runs_in_transformersjs_runtimes(tiny_export, tmp_path, vari
     if name.startswith("llama"):
         pytest.skip("one architecture is enough here")
     m = _copy(model)
-    for step in ("rmsnorm", "rotary", "gqa"):
-        m = FUSIONS[step]()(m).model
+    for step in ("rmsnorm", "rotary", "gqa") + (("pack-matmul", "pack-gqa") if packed else ()):
+        res = FUSIONS[step]()(m)
+        assert res.modified, f"{step}: {res.summary}"
+        m = res.model
     if variant == "q4f16":
         m = Fp16Pass()(MatMulNBitsPass()(m).model).model
     path = tmp_path / "model.onnx"

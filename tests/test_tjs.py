@@ -89,7 +89,8 @@ def test_chromium_tokens_equal_python_ort(case, device, dtype):
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
-    """`graphkit convert --fuse`: contrib-op fusions (SimplifiedLayerNorm, RotaryEmbedding, GroupQueryAttention)."""
+    """`graphkit convert --fuse`: contrib-op fusions (SimplifiedLayerNorm, GroupQueryAttention on packed q/k/v with
+    its own rotary)."""
     import subprocess
     import sys
     out = tmp_path_factory.mktemp("fused") / "epicrisis-fused"
@@ -123,7 +124,8 @@ def test_fused_variants_in_transformersjs(case, fused, client, device, dtype):
     import onnx
     _, prompts, eos = case
     ops = {n.op_type for n in onnx.load(str(variant_path(fused, dtype)), load_external_data=False).graph.node}
-    assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    assert "RotaryEmbedding" not in ops, "pack-gqa should have moved the rotary into GroupQueryAttention"
     prompts = prompts[:2] if client == "chromium" else prompts
     result = run_client(fused, dtype, [p["messages"] for p in prompts], NEW_TOKENS, client, device=device)
     _check(fused, prompts, eos, dtype, result)

@@ -1,0 +1,178 @@
+"""pack-gqa: GroupQueryAttention reads the packed q/k/v projection and applies the rotary itself.
+
+Run it after ``fuse-gqa`` and ``pack-matmul``. What is matched, per ``com.microsoft.GroupQueryAttention``
+node with ``do_rotary=0`` (what ``fuse-gqa`` writes)::
+
+    qkv [B, S, (N + 2*KV)*H] -Split(axis=-1, [N*H, KV*H, KV*H])-> q_lin, k_lin, v_lin
+    RotaryEmbedding(q_lin, position_ids, cos, sin) -> q;  RotaryEmbedding(k_lin, position_ids, cos, sin) -> k
+    GroupQueryAttention(q, k, v_lin, past_key, past_value, seqlens_k, total_sequence_length[, ..., attention_bias])
+
+checked by name and shape: the Split's three outputs are read by these nodes alone, its sizes are the
+GQA's ``num_heads * head_dim`` and ``kv_num_heads * head_dim``; both RotaryEmbedding nodes share
+``position_ids`` and the cos/sin caches (``[max_positions, head_dim / 2]``: full-width rotary), have
+the same ``interleaved`` and no ``scale`` other than 1; ``head_dim`` is a multiple of 16 (onnxruntime's
+GQA refuses to rotate other head sizes: "head_size shall be a multiple of 16").
+
+Result::
+
+    GroupQueryAttention(qkv, '', '', past_key, past_value, seqlens_k, total_sequence_length,
+                        cos, sin, position_ids[, attention_bias ...]; do_rotary=1, rotary_interleaved=interleaved)
+
+The Split and the two RotaryEmbedding nodes go (three kernels per layer fewer at every decode step:
+the form onnxruntime-genai's builder writes). Graph I/O, KV layout and names are unchanged.
+
+Positions: GQA is given ``position_ids`` explicitly, so left-padded rows (``fuse-gqa(padding=bias)``)
+rotate each token by its own position, as the unfused graph does (tested: batch 2 with left padding,
+prefill and decode).
+
+Tolerance: the same rotary formula applied by another kernel: logits within 1e-4 of the graph before
+this pass, presents within 1e-5 (float32, tiny test model).
+
+Runtimes: onnxruntime 1.32 CPU; onnxruntime-node 1.30 and onnxruntime-web 1.31-dev wasm (the builds
+Transformers.js 4.3.1 ships) are held to it by tests. onnxruntime-web WebGPU: packed QKV with
+``do_rotary`` takes the same flash-attention prefill path as the unpacked node, which is wrong for
+prompts of 32+ tokens on adapters with subgroup size < 8 (``passes/fuse_gqa.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from graphkit.errors import PassNotApplicable, PostconditionError
+from graphkit.passbase import GraphPass, PassResult
+from passes._fusion import (MS_DOMAIN, GraphIndex, attr, check_rewrite, fresh_name, node_label, remove_unused,
+                            taken_names, toposort)
+
+
+@dataclass
+class _Site:
+    gqa: onnx.NodeProto
+    split: onnx.NodeProto
+    rotary_q: onnx.NodeProto
+    rotary_k: onnx.NodeProto
+    interleaved: int
+
+
+def _split_sizes(gi: GraphIndex, split: onnx.NodeProto) -> list[int] | None:
+    if len(split.input) > 1 and split.input[1]:
+        v = gi.const(split.input[1])
+        return None if v is None else [int(x) for x in v.reshape(-1)]
+    sizes = attr(split, "split")
+    return [int(x) for x in sizes] if sizes else None
+
+
+class PackGqaPass(GraphPass):
+    name = "pack-gqa"
+    tolerance = "logits within 1e-4 of the graph before the pass (float32); present KV within 1e-5"
+
+    def _match(self, gi: GraphIndex, gqa: onnx.NodeProto) -> _Site | str:
+        if attr(gqa, "do_rotary", 0):
+            return "already applies the rotary (do_rotary=1)"
+        ins = list(gqa.input) + [""] * (10 - len(gqa.input))
+        if not ins[1] or not ins[2] or any(ins[7:10]):
+            return "query is already packed, or cos/sin/position_ids inputs are set"
+        rq = gi.node_of(ins[0], "RotaryEmbedding", domain=(MS_DOMAIN,))
+        rk = gi.node_of(ins[1], "RotaryEmbedding", domain=(MS_DOMAIN,))
+        if rq is None or rk is None:
+            return "query/key are not RotaryEmbedding outputs (run fuse-rotary and fuse-gqa first)"
+        if list(rq.input[1:4]) != list(rk.input[1:4]) or len(rq.input) < 4:
+            return "the q and k RotaryEmbedding nodes use different positions or cos/sin caches"
+        interleaved = attr(rq, "interleaved", 0)
+        if attr(rk, "interleaved", 0) != interleaved:
+            return "q and k rotary differ in interleaving"
+        if any(attr(r, "scale", 1.0) != 1.0 or attr(r, "is_packed_batching", 0) for r in (rq, rk)):
+            return "RotaryEmbedding with scale or packed batching"
+        split = gi.node_of(rq.input[0], "Split")
+        if split is None or gi.node_of(rk.input[0], "Split") is not split or gi.node_of(ins[2], "Split") is not split:
+            return "q/k/v are not the three outputs of one Split (run pack-matmul first)"
+        if list(split.output) != [rq.input[0], rk.input[0], ins[2]]:
+            return "the Split's outputs are not q, k, v in this order"
+        rank = gi.rank(split.input[0])
+        if attr(split, "axis", 0) not in (-1, 2) or rank not in (None, 3) or (attr(split, "axis", 0) == 2 and rank != 3):
+            return "the Split is not along the last axis of a [batch, seq, features] tensor"
+        cos = gi.shape(rq.input[2])
+        num_heads, kv_heads = attr(gqa, "num_heads"), attr(gqa, "kv_num_heads")
+        if not cos or len(cos) != 2 or not isinstance(cos[1], int):
+            return "cos cache shape unknown"
+        head_dim = 2 * cos[1]
+        if head_dim % 16:
+            return f"head_dim {head_dim} is not a multiple of 16 (GroupQueryAttention's own rotary needs it)"
+        if attr(rq, "rotary_embedding_dim", 0) not in (0, head_dim) or attr(rk, "rotary_embedding_dim", 0) not in (0, head_dim):
+            return "partial rotary"
+        if _split_sizes(gi, split) != [num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]:
+            return (f"Split sizes {_split_sizes(gi, split)} are not [num_heads*head_dim, kv_heads*head_dim] x2 "
+                    f"for heads {num_heads}/{kv_heads}, head_dim {head_dim} (partial rotary?)")
+        for t, reader in ((rq.input[0], rq), (rk.input[0], rk), (ins[2], gqa), (ins[0], gqa), (ins[1], gqa)):
+            if not gi.only_user(t, reader):
+                return f"'{t}' has other readers"
+        if gi.elem_type(rq.input[1]) not in (0, onnx.TensorProto.INT64):
+            return "position_ids are not int64"
+        return _Site(gqa, split, rq, rk, int(interleaved))
+
+    def _plan(self, model: onnx.ModelProto) -> tuple[list[_Site], dict[str, str]]:
+        gi = GraphIndex(model)
+        sites, why = [], {}
+        for n in model.graph.node:
+            if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN:
+                res = self._match(gi, n)
+                if isinstance(res, str):
+                    why[node_label(n)] = res
+                else:
+                    sites.append(res)
+        return sites, why
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        sites, why = self._plan(model)
+        if not sites:
+            detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
+            raise PassNotApplicable("no GroupQueryAttention reading a split q/k/v projection through "
+                                    "RotaryEmbedding" + detail)
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        sites, why = self._plan(model)
+        if not sites:
+            return PassResult(model, False, "no packable GroupQueryAttention", {"packed": 0})
+        before = len(model.graph.node)
+        removed = {id(n) for s in sites for n in (s.split, s.rotary_q, s.rotary_k)}
+        rewired: dict[int, onnx.NodeProto] = {}
+        taken = taken_names(model.graph)
+        for s in sites:
+            ins = list(s.gqa.input) + [""] * (10 - len(s.gqa.input))
+            packed = s.split.input[0]
+            positions, cos, sin = s.rotary_q.input[1:4]
+            new_inputs = [packed, "", "", *ins[3:7], cos, sin, "", *ins[10:]]
+            while new_inputs and not new_inputs[-1]:
+                new_inputs.pop()
+            node = onnx.NodeProto()
+            node.CopyFrom(s.gqa)
+            if not node.name:  # the postcondition finds the rewritten nodes by name
+                node.name = fresh_name("pack_gqa/GroupQueryAttention", taken)
+            del node.input[:]
+            node.input.extend(new_inputs)
+            for a in list(node.attribute):
+                if a.name in ("do_rotary", "rotary_interleaved"):
+                    node.attribute.remove(a)
+            node.attribute.extend([helper.make_attribute("do_rotary", 1),
+                                   helper.make_attribute("rotary_interleaved", s.interleaved)])
+            rewired[id(s.gqa)] = node
+        keep = [rewired.get(id(n), n) for n in model.graph.node if id(n) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        seeds = {x for s in sites for n in (s.split, s.rotary_q, s.rotary_k) for x in n.output}
+        remove_unused(model, seeds)
+        toposort(model)
+        self._created = {n.name for n in rewired.values()}
+        after = len(model.graph.node)
+        details = {"packed": len(sites), "nodes_before": before, "nodes_after": after, "not_packed": why}
+        return PassResult(model, True, f"{len(sites)} GroupQueryAttention nodes read packed q/k/v with do_rotary=1 "
+                                       f"(Split + 2 RotaryEmbedding removed each); nodes {before} -> {after}", details)
+
+    def ensures(self, model: onnx.ModelProto) -> None:
+        check_rewrite(model, set(getattr(self, "_created", set())), "pack-gqa", "GroupQueryAttention node")
+        names = getattr(self, "_created", set())
+        for n in model.graph.node:
+            if n.name in names and (attr(n, "do_rotary", 0) != 1 or n.input[1] or n.input[2]):
+                raise PostconditionError(f"pack-gqa: '{n.name}' is not a packed do_rotary GroupQueryAttention")
+
