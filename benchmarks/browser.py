@@ -589,6 +589,9 @@ def main() -> None:
                     help="untimed tokens first: Chromium runs wasm in baseline code for its first seconds (decode_floor.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout-s", type=int, default=900, help="per child")
+    ap.add_argument("--folder", action="append", default=[], metavar="WHO=SUBDIR",
+                    help="one more contender folder under the model folder (a `graphkit convert` output), e.g. "
+                         "b1st=ours-browser-q8; then 'b1st q8' is a contender")
     ap.add_argument("--group", default=None, help="name of this run's stored group (default: the clients)")
     ap.add_argument("--no-quality", action="store_true", help="skip the PyTorch / Python onnxruntime agreement child")
     ap.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from stored groups")
@@ -601,6 +604,11 @@ def main() -> None:
         run_ops(a)
         return
     base = C.WORK / f"qwen2.5-{a.size}"
+    for item in a.folder:
+        who, sep, sub = item.partition("=")
+        if not sep or not who.strip() or not sub.strip() or " " in who.strip():
+            raise SystemExit(f"--folder {item!r}: expected WHO=SUBDIR")
+        FOLDERS[who.strip()] = sub.strip()
     if a.render_only:
         C.write_section(f"browser-{a.size}", render(base, a.size))
         return

@@ -119,7 +119,7 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
                   "q4: tied-embedding(bits=8,block_size=128,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4); "
                   "q4f16: tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=32,accuracy_level=4),fp16; "
                   "q8: matmul-int8(quantize_embedding_gather=true) (written as model_quantized.onnx). "
-                  "With --fuse every pipeline starts with fuse-rmsnorm,fuse-rotary,fuse-gqa(padding=bias),pack-matmul.")
+                  "With --fuse every pipeline starts with fuse-rmsnorm,fuse-rotary,fuse-gqa(padding=bias),pack-matmul,pack-gqa.")
 def convert(
     model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model folder (default: the shipped epicrisis-tiny example with its adapter)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),

@@ -31,7 +31,8 @@ Result per layer: ``RotaryEmbedding(q_lin, position_ids, cos, sin, num_heads=N)`
 the packed ``[B, S, hidden]`` tensors, then ``GroupQueryAttention(q, k, v_lin, past.key, past.value,
 seqlens_k, total_sequence_length)`` with ``num_heads``, ``kv_num_heads``, ``scale``,
 ``do_rotary=0`` (webgpu in older onnxruntime-web rejected ``do_rotary``: microsoft/onnxruntime#22987)
-whose outputs take the names ``attn_out``, ``present.{i}.key``, ``present.{i}.value``.
+whose outputs take the names ``attn_out``, ``present.{i}.key``, ``present.{i}.value``. After
+``pack-matmul``, ``pack-gqa`` feeds GQA the packed q/k/v and moves the rotary into it (``do_rotary=1``).
 
 Mask (computed once from ``attention_mask`` [B, T], option ``padding``):
 

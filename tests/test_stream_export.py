@@ -177,7 +177,7 @@ def test_lazy_model_through_passes_and_in_place_apply(tmp_path, exported_example
 
 
 @pytest.mark.parametrize("spec", ["fp16", "matmul-nbits(bits=4,block_size=32)", "matmul-int8(quantize_embedding_gather=true)",
-                                  "pack-matmul", "fuse-rmsnorm,fuse-rotary,fuse-gqa(padding=bias)"])
+                                  "pack-matmul", "fuse-rmsnorm,fuse-rotary,fuse-gqa(padding=bias),pack-matmul,pack-gqa"])
 def test_passes_keep_weights_out_of_memory(tmp_path, exported_example, monkeypatch, spec):
     """Memory-frugal contract: on a lazily loaded model inside spill_to, no pass puts a large weight
     into the proto (it reads the ones it changes from disk and stages the new ones on disk), and the
