@@ -9,7 +9,7 @@ node with ``do_rotary=0`` (what ``fuse-gqa`` writes)::
 
 checked by name and shape: the Split's three outputs are read by these nodes alone, its sizes are the
 GQA's ``num_heads * head_dim`` and ``kv_num_heads * head_dim``; both RotaryEmbedding nodes share
-``position_ids`` and the cos/sin caches (``[max_positions, head_dim / 2]``: full-width rotary), have
+``position_ids`` (a graph input) and the cos/sin caches (``[max_positions, head_dim / 2]``: full-width rotary), have
 the same ``interleaved`` and no ``scale`` other than 1; ``head_dim`` is a multiple of 16 (onnxruntime's
 GQA refuses to rotate other head sizes: "head_size shall be a multiple of 16").
 
@@ -117,8 +117,9 @@ class PackGqaPass(GraphPass):
         for t, reader in ((rq.input[0], rq), (rk.input[0], rk), (ins[2], gqa), (ins[0], gqa), (ins[1], gqa)):
             if not gi.only_user(t, reader):
                 return f"'{t}' has other readers"
-        if gi.elem_type(rq.input[1]) not in (0, onnx.TensorProto.INT64):
-            return "position_ids are not int64"
+        if rq.input[1] not in gi.graph_inputs:
+            # GQA will rotate by cache index: only the client's own cumsum(mask)-1 positions are known to agree
+            return f"rotary positions '{rq.input[1]}' are computed in the graph, not a graph input"
         return _Site(gqa, split, rq, rk, int(interleaved))
 
     def _plan(self, model: onnx.ModelProto) -> tuple[list[_Site], dict[str, str]]:

@@ -571,6 +571,14 @@ def test_pack_gqa_lookalikes_left_alone():
     rot[1].input[2] = "other_cos"
     res = PackGqaPass()(other)
     assert not res.modified and "different positions or cos/sin" in res.summary
+    # positions computed in the graph (an offset, say): GQA would rotate by cache index instead, so no
+    shifted = _copy(m)
+    shifted.graph.node.insert(0, helper.make_node("Identity", ["position_ids"], ["positions_in_graph"]))
+    for n in shifted.graph.node:
+        if n.op_type == "RotaryEmbedding":
+            n.input[1] = "positions_in_graph"
+    res = PackGqaPass()(shifted)
+    assert not res.modified and "computed in the graph" in res.summary
     # already packed: a second run is not applicable and changes nothing
     once = PackGqaPass()(_copy(m)).model
     again = PackGqaPass()(once)
