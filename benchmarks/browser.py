@@ -592,6 +592,7 @@ def main() -> None:
     ap.add_argument("--folder", action="append", default=[], metavar="WHO=SUBDIR",
                     help="one more contender folder under the model folder (a `graphkit convert` output), e.g. "
                          "b1st=ours-browser-q8; then 'b1st q8' is a contender")
+    ap.add_argument("--section", default="", help="RESULTS.md section suffix (browser-SIZE-SUFFIX); default: browser-SIZE")
     ap.add_argument("--group", default=None, help="name of this run's stored group (default: the clients)")
     ap.add_argument("--no-quality", action="store_true", help="skip the PyTorch / Python onnxruntime agreement child")
     ap.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from stored groups")
@@ -604,13 +605,16 @@ def main() -> None:
         run_ops(a)
         return
     base = C.WORK / f"qwen2.5-{a.size}"
+    # The section shows every group stored in this model folder; a fresh machine has only its own, so a later
+    # session names its own section rather than replacing the earlier sessions' tables.
+    section = f"browser-{a.size}" + (f"-{a.section}" if a.section else "")
     for item in a.folder:
         who, sep, sub = item.partition("=")
         if not sep or not who.strip() or not sub.strip() or " " in who.strip():
             raise SystemExit(f"--folder {item!r}: expected WHO=SUBDIR")
         FOLDERS[who.strip()] = sub.strip()
     if a.render_only:
-        C.write_section(f"browser-{a.size}", render(base, a.size))
+        C.write_section(section, render(base, a.size))
         return
     clients = [c.strip() for c in a.clients.split(",") if c.strip()]
     if bad := [c for c in clients if c not in CLIENTS]:
@@ -672,7 +676,7 @@ def main() -> None:
                       for k, rs in runs.items()}}
     (base / "browser-runs").mkdir(exist_ok=True)
     (base / "browser-runs" / f"{group}.json").write_text(json.dumps(record, indent=1))
-    C.write_section(f"browser-{a.size}", render(base, a.size))
+    C.write_section(section, render(base, a.size))
 
 
 if __name__ == "__main__":
