@@ -24,8 +24,8 @@ the form onnxruntime-genai's builder writes). Graph I/O, KV layout and names are
 Positions: GQA is **not** given ``position_ids``; it rotates each new token by its index in the KV
 cache (``seqlens_k + 1 - sequence_length + s``). With ``position_ids`` supplied, onnxruntime 1.32 CPU
 treats a prompt (its schema: "uses only the first element") differently from a decode step, so a
-left-padded batch drifts between prefill and decode (measured on the tiny model: decode logits off by
-up to 5.5, prefill exact).
+left-padded batch drifts between prefill and decode (measured on the shipped example, batch 2 with
+left padding: decode logits off by up to 5.5, prefill exact).
 By cache index, batch 1 and unpadded batches get exactly the positions Transformers.js computes
 (``cumsum(mask) - 1``); a left-padded row's real tokens are all shifted by its pad count, which rotary
 attention cannot see (scores depend on position differences only): their outputs are equal, the
