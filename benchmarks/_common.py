@@ -325,11 +325,13 @@ def proc_cpu_snapshot() -> dict[int, float]:
 
 
 def others_cores_between(before: dict[int, float], after: dict[int, float], wall: float) -> float:
-    """CPU (cores) used during ``wall`` seconds by processes alive at the end that are not this process: for a child
-    whose own descendants are gone by then (a browser), this leaves out the child's whole tree, which rusage cannot
-    see once its grandchildren were reaped elsewhere. Processes born and gone in between are missed."""
+    """CPU (cores) used during ``wall`` seconds by processes that were already running before the child started and
+    are still alive at the end, other than this process. Processes born in between are left out: they are the
+    child's own tree (a browser's renderer can outlive the driver that started it by a moment, reparented, and its
+    CPU is the measurement itself: counting it made wasm runs report ~1.6 "other" cores on an idle host); other
+    agents' processes started during the child are missed too."""
     me = os.getpid()
-    used = sum(after[p] - before.get(p, 0.0) for p in after if p != me)
+    used = sum(after[p] - before[p] for p in after if p != me and p in before)
     return max(0.0, used / wall) if wall > 0 else 0.0
 
 
