@@ -100,6 +100,30 @@ def fused(tmp_path_factory):
     return out
 
 
+def test_fused_variants_agree_with_unfused_fp32(fused, converted, golden):
+    """Every `--fuse` file against the unfused fp32 export, teacher-forced over the golden continuations: finite
+    logits (fp16 and q4f16 included), fused fp32 within 1e-4, the quantized dtypes held to the unfused bar (top-1 >=
+    0.90). The Transformers.js tests below compare the client with Python onnxruntime on the same file, which
+    a file that is wrong everywhere would pass."""
+    import numpy as np
+
+    from graphkit.ortrun import DecoderRunner
+    ref = DecoderRunner.from_file(variant_path(converted[0], "fp32"))
+    for dtype in ("fp32", "fp16", "q4", "q4f16", "q8"):
+        r = DecoderRunner.from_file(variant_path(fused, dtype))
+        agree = total = 0
+        for rec in golden["prompts"]:
+            cont = rec["greedy_ids_adapter"]
+            a = ref.teacher_forced_logits(rec["prompt_ids"], cont)
+            b = r.teacher_forced_logits(rec["prompt_ids"], cont)
+            assert np.isfinite(b).all(), dtype
+            if dtype == "fp32":
+                assert np.abs(a - b).max() < 1e-4, float(np.abs(a - b).max())
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += len(cont)
+        assert agree / total >= 0.90, (dtype, agree / total)
+
+
 def test_fused_webgpu_on_verify_default_prompts(fused):
     """verify's default prompts (32+ tokens) on WebGPU. On this machine's adapter (SwiftShader, subgroup size 4)
     onnxruntime-web's GroupQueryAttention prefill is wrong (isolated in tests/test_gqa_runtimes.py): verify must
