@@ -99,8 +99,8 @@ class PackGqaPass(GraphPass):
             return "q/k/v are not the three outputs of one Split (run pack-matmul first)"
         if list(split.output) != [rq.input[0], rk.input[0], ins[2]]:
             return "the Split's outputs are not q, k, v in this order"
-        rank = gi.rank(split.input[0])
-        if attr(split, "axis", 0) not in (-1, 2) or rank not in (None, 3) or (attr(split, "axis", 0) == 2 and rank != 3):
+        rank, axis = gi.rank(split.input[0]), attr(split, "axis", 0)
+        if rank not in (None, 3) or axis not in (-1, 2 if rank == 3 else -1):
             return "the Split is not along the last axis of a [batch, seq, features] tensor"
         cos = gi.shape(rq.input[2])
         num_heads, kv_heads = attr(gqa, "num_heads"), attr(gqa, "kv_num_heads")
@@ -111,8 +111,9 @@ class PackGqaPass(GraphPass):
             return f"head_dim {head_dim} is not a multiple of 16 (GroupQueryAttention's own rotary needs it)"
         if attr(rq, "rotary_embedding_dim", 0) not in (0, head_dim) or attr(rk, "rotary_embedding_dim", 0) not in (0, head_dim):
             return "partial rotary"
-        if _split_sizes(gi, split) != [num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]:
-            return (f"Split sizes {_split_sizes(gi, split)} are not [num_heads*head_dim, kv_heads*head_dim] x2 "
+        sizes = _split_sizes(gi, split)
+        if sizes != [num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]:
+            return (f"Split sizes {sizes} are not [num_heads*head_dim, kv_heads*head_dim] x2 "
                     f"for heads {num_heads}/{kv_heads}, head_dim {head_dim} (partial rotary?)")
         for t, reader in ((rq.input[0], rq), (rk.input[0], rk), (ins[2], gqa), (ins[0], gqa), (ins[1], gqa)):
             if not gi.only_user(t, reader):

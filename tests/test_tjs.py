@@ -101,27 +101,23 @@ def fused(tmp_path_factory):
 
 
 def test_fused_variants_agree_with_unfused_fp32(fused, converted, golden):
-    """Every `--fuse` file against the unfused fp32 export, teacher-forced over the golden continuations: finite
-    logits (fp16 and q4f16 included), fused fp32 within 1e-4, the quantized dtypes held to the unfused bar (top-1 >=
-    0.90). The Transformers.js tests below compare the client with Python onnxruntime on the same file, which
+    """Every `--fuse` file against the unfused fp32 export, teacher-forced over the golden continuations
+    (graphkit.verify.check_variant): finite logits (fp16 and q4f16 included), top-1 >= 0.90, and the fused fp32
+    within 1e-4. The Transformers.js tests below compare the client with Python onnxruntime on the same file, which
     a file that is wrong everywhere would pass."""
     import numpy as np
 
     from graphkit.ortrun import DecoderRunner
+    from graphkit.verify import check_variant
     ref = DecoderRunner.from_file(variant_path(converted[0], "fp32"))
+    runs = [(rec["prompt_ids"], rec["greedy_ids_adapter"],
+             ref.teacher_forced_logits(rec["prompt_ids"], rec["greedy_ids_adapter"])) for rec in golden["prompts"]]
     for dtype in ("fp32", "fp16", "q4", "q4f16", "q8"):
-        r = DecoderRunner.from_file(variant_path(fused, dtype))
-        agree = total = 0
-        for rec in golden["prompts"]:
-            cont = rec["greedy_ids_adapter"]
-            a = ref.teacher_forced_logits(rec["prompt_ids"], cont)
-            b = r.teacher_forced_logits(rec["prompt_ids"], cont)
-            assert np.isfinite(b).all(), dtype
-            if dtype == "fp32":
-                assert np.abs(a - b).max() < 1e-4, float(np.abs(a - b).max())
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            total += len(cont)
-        assert agree / total >= 0.90, (dtype, agree / total)
+        rep = check_variant(dtype, variant_path(fused, dtype), runs, threshold=0.90)
+        assert rep.error is None and rep.nonfinite == 0 and rep.top1_agreement >= 0.90, rep
+    fp32 = DecoderRunner.from_file(variant_path(fused, "fp32"))
+    err = max(float(np.abs(fp32.teacher_forced_logits(p, c) - want).max()) for p, c, want in runs)
+    assert err < 1e-4, err
 
 
 def test_fused_webgpu_on_verify_default_prompts(fused):
