@@ -100,7 +100,7 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
     from graphkit.pipeline import registry
     reg = registry()
     if json_out:
-        emit_json({name: {"doc": _summary(cls), "tolerance": cls.tolerance,
+        emit_json({name: {"doc": _summary(cls), "tolerance": cls.tolerance.as_dict(), "mutates_input": cls.mutates_input,
                           "options": [dict(name=n, type=t, default=d, help=h) for n, t, d, h in cls.option_specs()]}
                    for name, cls in reg.items()})
         return

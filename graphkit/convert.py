@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
-
 from graphkit.errors import GraphkitError
 from graphkit.tjs_contract import (DTYPE_FILES, FP16_KV_DTYPES, KV_CACHE_DTYPE, ONNX_DIR, TJS_CONFIG,
                                    USE_EXTERNAL_DATA)
@@ -236,15 +234,15 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     reports: list = []
                     if previous and previous[0] and names[:len(previous[0])] == previous[0]:
                         step(f"   starting from the {' → '.join(n.split('(')[0] for n in previous[0])} result")
-                        model = onnx.ModelProto()
-                        model.CopyFrom(previous[1])
+                        model = previous[1]  # run_passes(keep_input=True) leaves it as it is for later dtypes
                         reports = list(previous[2])
                         passes = passes[len(previous[0]):]
                     else:
                         previous = None
                         model = load_model(scratch, load_external="lazy")
                     if passes:
-                        model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()))
+                        model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()),
+                                                 keep_input=model is (previous[1] if previous else None))
                         reports += more
                     force_external = True if max_chunk_bytes else None  # None: only above 2 GB
                     if not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
@@ -313,16 +311,10 @@ def _pass_names(spec: str) -> list[str]:
 
 
 def _export(model_dir: Path, scratch: Path, adapter_dir: Path | None, exporter: str, stream: bool, step) -> None:
-    """The fp32 export every pipeline starts from, always with external data (never a 2 GB protobuf)."""
+    """The fp32 export every pipeline starts from, always with external data (never a 2 GB protobuf);
+    export_model picks streaming or in memory."""
     from graphkit.export import export_model
-    if stream and exporter == "dynamo":
-        from graphkit.stream_export import StreamingUnsupported, export_streaming
-        try:
-            export_streaming(model_dir, scratch, adapter_dir, progress=step)
-            return
-        except StreamingUnsupported as exc:
-            step(f"streaming export not possible ({exc}); exporting in memory instead")
-    export_model(model_dir, scratch, adapter_dir, exporter=exporter, external_data=True, stream=False, progress=step)
+    export_model(model_dir, scratch, adapter_dir, exporter=exporter, external_data=True, stream=stream, progress=step)
 
 
 # onnxruntime's CPU provider runs float16 ops in float32 behind Casts it folds into a float32 copy of every

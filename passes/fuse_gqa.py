@@ -79,7 +79,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import GraphkitError, PassNotApplicable
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import ATTENTION_MASK, BATCH, PAST_SEQUENCE, POSITION_IDS, SEQUENCE, TOTAL_SEQUENCE
 from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
                             node_label, remove_unused, toposort)
@@ -283,8 +283,11 @@ class _Attn:
 class FuseGqaPass(GraphPass):
     name = "fuse-gqa"
     Options = FuseGqaOptions
-    tolerance = ("logits within 1e-5 of the unfused graph (float32; same softmax over the same scores); "
-                 "present KV bit-identical; padding=seqlens exact only without left padding")
+    tolerance = Tolerance("max_abs", 1e-4, "the unfused graph",
+                          "float32, same softmax over the same scores; present KV bit-identical; padding=seqlens exact "
+                          "only without left padding")
+    mutates_input = True
+    after = "fuse-rotary"  # q/k must come from RotaryEmbedding
 
     def validate_options(self) -> None:
         if self.options.padding not in ("seqlens", "bias"):
@@ -558,16 +561,16 @@ class FuseGqaPass(GraphPass):
         return gi, found, why
 
     # ------------------------------------------------------------------ contract
-    def requires(self, model: onnx.ModelProto) -> None:
-        _, found, why = self._plan(model)
+    def match(self, model: onnx.ModelProto):
+        plan = self._plan(model)
+        _, found, why = plan
         if not found:
             detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
             raise PassNotApplicable("no KV-cache attention block to fuse into GroupQueryAttention" + detail)
+        return plan
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        gi, found, why = self._plan(model)
-        if not found:
-            return PassResult(model, False, "no attention pattern", {"fused": 0})
+    def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
+        gi, found, why = plan
         g = model.graph
         before = len(g.node)
         taken = gi.taken_names()
@@ -617,14 +620,13 @@ class FuseGqaPass(GraphPass):
         remove_unused(model, seeds)
         toposort(model)
         ensure_opset(model, MS_DOMAIN)
-        self._created = created
         a0 = found[0]
         details = {"fused": len(found), "num_heads": a0.num_heads, "kv_num_heads": a0.kv_heads,
                    "head_dim": a0.head_dim, "scale": a0.scale, "padding": self.options.padding,
                    "nodes_before": before, "nodes_after": len(g.node), "not_fused": why}
         summary = (f"{len(found)} attention blocks -> GroupQueryAttention (heads {a0.num_heads}/{a0.kv_heads}, "
                    f"head_dim {a0.head_dim}, padding={self.options.padding}); nodes {before} -> {len(g.node)}")
-        return PassResult(model, True, summary, details)
+        return PassResult(model, True, summary, details, created=set(created))
 
     def _mask_subgraph(self, dtype: int, fresh):
         """seqlens_k [B] int32, total_sequence_length scalar int32 (and attention_bias) from attention_mask."""
@@ -683,5 +685,6 @@ class FuseGqaPass(GraphPass):
             ]
         return nodes, inits, seqlens, total, bias
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        check_rewrite(model, set(getattr(self, "_created", [])), "fuse-gqa", "GroupQueryAttention node")
+    def postconditions(self, result: PassResult) -> None:
+        model = result.model
+        check_rewrite(model, result.created, "fuse-gqa", "GroupQueryAttention node")

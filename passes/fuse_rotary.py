@@ -46,7 +46,7 @@ from onnx import TensorProto, helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
                             node_label, other_input, remove_unused, toposort)
 
@@ -137,8 +137,10 @@ class _Rotary:
 class FuseRotaryPass(GraphPass):
     name = "fuse-rotary"
     Options = FuseRotaryOptions
-    tolerance = ("q/k after rotary equal the decomposed graph within a few float32 ulps "
-                 "(same cos/sin values, evaluated from the graph's own subgraph)")
+    tolerance = Tolerance("max_abs", 1e-4, "the unfused graph",
+                          "q/k after rotary equal the decomposed graph within a few float32 ulps (same cos/sin values, "
+                          "evaluated from the graph's own subgraph)")
+    mutates_input = True
 
     def validate_options(self) -> None:
         mp = self.options.max_positions
@@ -278,16 +280,16 @@ class FuseRotaryPass(GraphPass):
         return gi, found, why, tables
 
     # ------------------------------------------------------------------ contract
-    def requires(self, model: onnx.ModelProto) -> None:
-        _, found, why, _ = self._plan(model)
+    def match(self, model: onnx.ModelProto):
+        plan = self._plan(model)
+        _, found, why, _ = plan
         if not found:
             detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
             raise PassNotApplicable("no decomposed rotary embedding (x*cos + rotate_half(x)*sin) found" + detail)
+        return plan
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        gi, found, why, tables = self._plan(model)
-        if not found:
-            return PassResult(model, False, "no rotary pattern", {"fused": 0})
+    def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
+        gi, found, why, tables = plan
         g = model.graph
         before = len(g.node)
         taken = gi.taken_names()
@@ -333,16 +335,16 @@ class FuseRotaryPass(GraphPass):
         remove_unused(model, cand)
         toposort(model)
         ensure_opset(model, MS_DOMAIN)
-        self._created = created
         details = {"fused": len(found), "caches": len(caches), "max_positions": self.options.max_positions,
                    "head_dim": int(2 * caches[0][0].shape[1]), "position_input": found[0].positions,
                    "nodes_before": before, "nodes_after": len(g.node), "not_fused": why}
         summary = (f"{len(found)} rotary embeddings -> RotaryEmbedding (cache {self.options.max_positions} x "
                    f"{caches[0][0].shape[1]}, {len(caches)} table pair(s)); nodes {before} -> {len(g.node)}")
-        return PassResult(model, True, summary, details)
+        return PassResult(model, True, summary, details, created=set(created))
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        created = set(getattr(self, "_created", []))
+    def postconditions(self, result: PassResult) -> None:
+        model = result.model
+        created = result.created
         inits = check_rewrite(model, created, "fuse-rotary", "RotaryEmbedding node")
         for n in model.graph.node:
             if n.name in created:
