@@ -47,73 +47,9 @@ from onnx import TensorProto, helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
+from passes._evaluate import cone, evaluate
 from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
                             node_label, other_input, remove_unused, toposort)
-
-
-# ============================================================================ evaluating a cone
-def cone(gi: GraphIndex, targets: list[str], stop: set[str]) -> tuple[list[onnx.NodeProto], set[str]] | None:
-    """Nodes computing ``targets`` from ``stop`` tensors and constants; also returns the graph inputs
-    reached (outside ``stop``). None if the cone holds a node with a subgraph."""
-    seen: set[str] = set()
-    nodes: dict[int, onnx.NodeProto] = {}
-    leaves: set[str] = set()
-    stack = list(targets)
-    while stack:
-        t = stack.pop()
-        if not t or t in seen:
-            continue
-        seen.add(t)
-        if t in stop or (t in gi.inits and t not in gi.overridable):
-            continue
-        p = gi.producer.get(t)
-        if p is None:
-            leaves.add(t)
-            continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in p.attribute):
-            return None
-        if id(p) not in nodes:
-            nodes[id(p)] = p
-            stack.extend(p.input)
-    return sorted(nodes.values(), key=lambda n: gi.index[id(n)]), leaves
-
-
-def evaluate(gi: GraphIndex, targets: list[str], feeds: dict[str, np.ndarray], max_nodes: int = 400,
-             max_init_bytes: int = 1 << 20) -> list[np.ndarray] | None:
-    """Run the cone of ``targets`` over ``feeds`` (which must be all it depends on besides constants)
-    with onnxruntime; None when the cone reads anything else, is larger than ``max_nodes`` or reads
-    more than ``max_init_bytes`` of initializers (model weights: not a small helper computation),
-    or does not run."""
-    import onnxruntime as ort
-    c = cone(gi, targets, set(feeds))
-    if c is None:
-        return None
-    nodes, leaves = c
-    if leaves or len(nodes) > max_nodes:
-        return None
-    used = {i for n in nodes for i in n.input if i} | set(targets)
-    inits = [gi.inits[k] for k in used if k in gi.inits]
-    if sum(tensor_nbytes(t) for t in inits) > max_init_bytes:
-        return None
-    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), None)
-              for k, v in feeds.items() if k in used]
-    outputs = [onnx.ValueInfoProto(name=t) for t in targets]
-    g = helper.make_graph(nodes, "cone", inputs, outputs, inits)
-    m = helper.make_model(g, opset_imports=list(gi.model.opset_import))
-    m.ir_version = gi.model.ir_version
-    try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return sess.run(targets, {k: v for k, v in feeds.items() if k in used})
-    except Exception:
-        return None
-
-
-def tensor_nbytes(t: TensorProto) -> int:
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
-    return n * (helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 4)
 
 
 # ============================================================================ the pass
