@@ -38,6 +38,8 @@ def export(
     """Merge the adapter and export the decoder with KV cache to ONNX."""
     from graphkit.console import emit_json, err
     try:
+        from graphkit.extras import require_export
+        require_export("export")
         from graphkit.export import export_model
         summary = export_model(model_dir, output, adapter, exporter=exporter, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, stream=not no_stream,
@@ -136,6 +138,8 @@ def convert(
     from graphkit.console import emit_json, err
     try:
         from graphkit.convert import convert as run_convert, parse_dtypes, parse_pipeline_overrides, render
+        from graphkit.extras import require_export
+        require_export("convert")
         if model_dir is None:
             from graphkit.examples import example_dir
             model_dir = example_dir() / "base"
@@ -175,6 +179,8 @@ def verify(
     from graphkit.console import emit_json, err
     try:
         from graphkit.verify import render, verify_folder
+        from graphkit.extras import require_export
+        require_export("verify", ("transformers", "torch") if reference else ("transformers",))
         dtype_list = [d.strip() for d in dtypes.split(",")] if dtypes else None
         result = verify_folder(folder, reference, adapter, prompts, new_tokens, dtype_list,
                                progress=lambda m: err.print(f"• {m}", markup=False))
@@ -264,3 +270,11 @@ def main() -> None:
     except GraphkitError as exc:  # raised outside a command body
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # a command that needs the [export] extra, installed without it
+        from graphkit.extras import missing_extra_message
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        msg = missing_extra_message(exc, command)
+        if msg is None:
+            raise
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(2)
