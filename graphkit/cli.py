@@ -261,6 +261,36 @@ def bench_cmd(
     emit_json(report) if json_out else render_bench(report, out)
 
 
+
+@app.command("serve")
+def serve_cmd(
+    folder: Path = typer.Argument(..., help="A Transformers.js model folder (from `graphkit convert`)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default keeps the page on this machine."),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Offer only these dtypes (comma-separated); each must have its file."),
+    node_modules: Optional[Path] = typer.Option(None, "--node-modules", help="node_modules holding @huggingface/transformers (default: the checkout's tests/js/node_modules)."),
+) -> None:
+    """Serve a page to try the folder in the browser: dtype and device, chat, streamed tokens, speed, two dtypes side by side."""
+    from graphkit.console import err
+    try:
+        from graphkit.serve import make_server, url_of
+        dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()] if dtypes else None
+        server = make_server(folder, host=host, port=port, dtypes=dtype_list, node_modules=node_modules)
+    except GraphkitError as exc:
+        _fail(exc)
+    info = server.info  # type: ignore[attr-defined]
+    err.print(f"serving {folder} ({', '.join(d['dtype'] for d in info['dtypes'])}) with Transformers.js "
+              f"{info['transformers_version']}; Ctrl-C stops", markup=False, soft_wrap=True)
+    sys.stdout.write(url_of(server) + "\n")  # the one line on stdout: scripts read the URL (with --port 0)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main() -> None:
     try:
         app()

@@ -275,6 +275,9 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external)
+        if written:  # the app snippet: how to load this folder with Transformers.js (graphkit/usage.py)
+            from graphkit.usage import write_usage
+            write_usage(tmp, written, output)
         if check_agreement and "fp32" in written and len(written) > 1:
             step("agreement with fp32 on the default prompts")
             _agreement(tmp, results, output)
@@ -369,3 +372,9 @@ def render(summary: dict) -> None:
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
+    usage = Path(summary["output"]) / "USAGE.md"
+    if usage.is_file():  # the few lines that load the folder in an app (also written there)
+        from graphkit.usage import extract_snippet
+        out.print(f"\nload it in your app with Transformers.js ({usage}; try it first: graphkit serve {summary['output']}):\n",
+                  markup=False, soft_wrap=True)
+        out.print(extract_snippet(usage.read_text(encoding="utf-8")), markup=False, soft_wrap=True, highlight=False)
