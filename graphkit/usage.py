@@ -118,7 +118,7 @@ Made for: {', '.join(targets)}. Files: {', '.join(f'{d} (onnx/{DTYPE_FILES[d]})'
    (in Node, set `env.localModelPath` to the folder's parent directory instead).
 2. Load it with the module below: WebGPU with `shader-f16` uses `{pick['webgpu-f16']}`, WebGPU without it
    `{pick['webgpu']}`, wasm `{pick['wasm']}`; if WebGPU is missing or fails to load, it falls back to wasm.
-3. Try it first in the browser: `graphkit serve {folder}`.
+3. Try it first in the browser: `graphkit serve path/to/{folder.name}`.
 
 ```js
 {code}```
