@@ -283,6 +283,7 @@ def test_page_generates_the_epicrisis_in_wasm_side_by_side(serving):
         ids, _ = _python_greedy(folder / "onnx" / fname, run["prompt_ids"], len(run["ids"]))
         assert run["ids"] == ids, run["dtype"]
         assert run["load_ms"] > 0 and run["prefill_ms"] > 0 and run["decode_tok_s"] > 0
+        assert run["pieces"] >= 8  # streamed: the text arrived in pieces while generating, not at the end
     assert fp32["ids"] == golden["greedy_ids_adapter"][:len(fp32["ids"])]  # = PyTorch with the adapter
     assert fp32["text"].startswith("Motivo de ingreso: Disnea y fiebre.\nDiagnóstico: Neumonía")
     same = sum(a == b for a, b in zip(q8["ids"], fp32["ids"]))

@@ -70,7 +70,7 @@ function makePane(dtype, device) {
 
 async function runOne(device, dtype, text, maxNewTokens) {
   const ui = makePane(dtype, device);
-  const run = { device, dtype, text: '', ids: [], prompt_ids: [], load_ms: null, prefill_ms: null, decode_tok_s: null, error: null };
+  const run = { device, dtype, text: '', ids: [], prompt_ids: [], load_ms: null, prefill_ms: null, decode_tok_s: null, pieces: 0, error: null };
   state.runs.push(run);
   const why = cannotRun(device, dtype, state.caps);
   if (why) {
@@ -89,7 +89,7 @@ async function runOne(device, dtype, text, maxNewTokens) {
     const stamps = [];
     const streamer = new T.TextStreamer(tokenizer, {
       skip_prompt: true, skip_special_tokens: true,
-      callback_function: (piece) => { run.text += piece; ui.out.textContent = run.text; },
+      callback_function: (piece) => { run.text += piece; run.pieces += 1; ui.out.textContent = run.text; },
     });
     const put = streamer.put.bind(streamer);
     streamer.put = (value) => { stamps.push(now()); put(value); }; // stamps[0]: the prompt, then one per token
