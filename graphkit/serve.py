@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from graphkit.errors import GraphkitError
-from graphkit.verify import DTYPE_FILES
+from graphkit.tjs_contract import DTYPE_FILES, TJS_CONFIG, USE_EXTERNAL_DATA, external_data_name
 
 PAGE_DIR = Path(__file__).resolve().parent / "serve_page"
 DEFAULT_NODE_MODULES = Path(__file__).resolve().parents[1] / "tests" / "js" / "node_modules"
@@ -57,14 +57,14 @@ def check_folder(folder: Path, dtypes: list[str] | None = None) -> dict[str, int
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GraphkitError(f"{folder / 'config.json'}: not valid JSON ({exc}); fix or re-convert the folder") from None
-    external = (config.get("transformers.js_config") or {}).get("use_external_data_format") or {}
+    external = (config.get(TJS_CONFIG) or {}).get(USE_EXTERNAL_DATA) or {}
     found: dict[str, int] = {}
     for dtype, fname in DTYPE_FILES.items():
         f = folder / "onnx" / fname
         if not f.is_file():
             continue
         chunks = external.get(fname, 0) if isinstance(external, dict) else 0
-        files = [f] + [folder / "onnx" / (f"{fname}_data" + (f"_{i}" if i else "")) for i in range(int(chunks or 0))]
+        files = [f] + [folder / "onnx" / external_data_name(fname, i) for i in range(int(chunks or 0))]
         for part in files[1:]:
             if not part.is_file():
                 raise GraphkitError(f"{part}: missing; config.json says {fname} has {chunks} external data file(s); "

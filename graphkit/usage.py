@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from graphkit.verify import DTYPE_FILES
+from graphkit.tjs_contract import DTYPE_FILES
 
 DEFAULT_TARGETS = ["transformers.js@4"]
 # preference per device; the first dtype the folder has wins
