@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -63,8 +64,19 @@ class FittingConsole(Console):
         super().print(*objects, **kwargs)
 
 
-err = FittingConsole(stderr=True, highlight=False)
-out = FittingConsole(highlight=False)
+def _width(stream) -> int | None:
+    """80 columns when the stream is not a terminal (CI logs, pipes, files) and $COLUMNS is unset; None lets
+    rich ask the terminal (rich alone would take the size of a terminal on stdin even when stdout is piped)."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return None
+    try:
+        return None if stream.isatty() else 80
+    except (AttributeError, ValueError):
+        return 80
+
+
+err = FittingConsole(stderr=True, highlight=False, width=_width(sys.stderr))
+out = FittingConsole(highlight=False, width=_width(sys.stdout))
 
 
 def emit_json(data: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 ])
 def test_cli_output_off_a_tty_fits_80_columns(models, args):
     argv = [a.format(**models) for a in args]
+    # stdout piped; stdin a terminal or not (rich alone would size tables to a terminal on stdin)
     res = subprocess.run([sys.executable, "-m", "graphkit", *argv], capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode in (0, 1), res.stderr
     assert res.stdout.strip()
@@ -111,3 +113,26 @@ def test_cli_output_off_a_tty_fits_80_columns(models, args):
         js = subprocess.run([sys.executable, "-m", "graphkit", *argv, "--json"], capture_output=True, text=True, env=ENV, timeout=300)
         assert js.returncode in (0, 1), js.stderr
         assert isinstance(json.loads(js.stdout), dict) and "┃" not in js.stdout
+
+
+def test_piped_stdout_fits_80_even_with_a_wide_terminal_on_stdin(models):
+    """`graphkit diff A B | less` typed in a 200-column terminal: stdout is a pipe, so 80 columns (rich alone
+    would take the terminal's size from stdin)."""
+    import fcntl
+    import pty
+    import termios
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        argv = ["diff", str(models["m"]), str(models["q"]), "--run"]
+        res = subprocess.run([sys.executable, "-m", "graphkit", *argv], stdin=slave, capture_output=True, text=True,
+                             env=ENV, timeout=300)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert res.returncode == 0, res.stderr
+    assert max(len(line) for line in res.stdout.splitlines()) > 0
+    _check_fits(res.stdout)
+    wide = subprocess.run([sys.executable, "-m", "graphkit", *argv], capture_output=True, text=True,
+                          env={**ENV, "COLUMNS": "200"}, timeout=300)  # an explicit $COLUMNS still wins
+    assert any(len(line) > 80 for line in wide.stdout.splitlines()), "this diff is wider than 80 at 200 columns"
