@@ -131,6 +131,8 @@ def convert(
     fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
     pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
+    calibration: str = typer.Option("self", "--calibration", help="Calibration for the 4-bit dtypes (GPTQ, docs/quantization.md): a JSONL file (the fine-tuning data: {\"messages\": [...]}, {\"text\": ...} or {\"prompt\", \"completion\"} per line); \"self\" (default): sequences the fp32 model samples itself; \"none\": plain round-to-nearest."),
+    calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples", min=1, help="How many calibration samples to use (default: 64 from a file, 32 self-generated)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
@@ -148,7 +150,8 @@ def convert(
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
-                                  progress=progress, pipelines=overrides)
+                                  progress=progress, pipelines=overrides, calibration=calibration,
+                                  calibration_samples=calibration_samples)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

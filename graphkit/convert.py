@@ -42,12 +42,19 @@ PIPELINES: dict[str, str] = {
     # quality of 32-blocks and decode fastest; its 8-bit shared table in 128-blocks decodes 6-18 % faster
     # than in 32-blocks at about the same quality (section 4 there); q4f16: the shared table at 4 bits
     # (16-blocks, zero points) keeps the file under the size goal at better KL than the anchor recipe.
-    "q4": "tied-embedding(bits=8,block_size=128,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)",
+    # The 4-bit body: GPTQ error compensation along the statistics of the fp32 model's MatMul inputs
+    # (docs/quantization.md): from --calibration data, else from sequences the fp32 model samples itself.
+    "q4": "tied-embedding(bits=8,block_size=128,accuracy_level=4),"
+          "matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4,method=gptq,calibration={calibration})",
     "q4f16": "tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=4),"
-             "matmul-nbits(bits=4,block_size=32,accuracy_level=4),fp16",
+             "matmul-nbits(bits=4,block_size=32,accuracy_level=4,method=gptq,calibration={calibration}),fp16",
     "q8": "matmul-int8(quantize_embedding_gather=true)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
+CALIBRATION_SLOT = "{calibration}"  # replaced by the statistics file convert writes (graphkit/calibration.py)
+SELF_CALIBRATION_SAMPLES = 32       # sequences the fp32 model samples for itself when no data is given
+SELF_CALIBRATION_TOKENS = 96
+DATA_CALIBRATION_SAMPLES = 64       # --calibration data.jsonl: the first N samples
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
@@ -188,10 +195,27 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
         os.replace(tmp, output)
 
 
+def without_calibration(spec: str) -> str:
+    """The spec with the calibrated method replaced by round-to-nearest (``--calibration none``)."""
+    return spec.replace(f",method=gptq,calibration={CALIBRATION_SLOT}", "").replace(
+        f"method=gptq,calibration={CALIBRATION_SLOT}", "")
+
+
+def calibration_sequences_for(calibration: str | Path | None, model_dir: Path, samples: int | None
+                              ) -> list[list[int]] | None:
+    """Token ids of the user's calibration file (read and checked before any work: bad input exits 2 with
+    nothing written), or None for ``self`` / ``none``."""
+    if calibration in (None, "self", "none"):
+        return None
+    from graphkit.dataset import calibration_sequences
+    return calibration_sequences(Path(calibration), model_dir, limit=samples or DATA_CALIBRATION_SAMPLES)
+
+
 def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
-            progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None) -> dict:
+            progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
+            calibration: str | Path | None = "self", calibration_samples: int | None = None) -> dict:
     from graphkit import tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
@@ -202,6 +226,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
     _check_free_space(model_dir, output, dtypes)
+    calib_seqs = calibration_sequences_for(calibration, model_dir, calibration_samples)
+    calib_info: dict | None = None
     chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
     t_start = time.perf_counter()
     results: list[DtypeResult] = []
@@ -222,11 +248,18 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
-        specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir, pipelines)) for d in dtypes}
+        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines) for d in dtypes}
+        if calibration == "none":
+            raw_specs = {d: without_calibration(sp) for d, sp in raw_specs.items()}
+        if any(CALIBRATION_SLOT in sp for sp in raw_specs.values()):
+            calib_info = _calibrate(scratch, model_dir, calib_seqs, calibration, calibration_samples,
+                                    tmp / ".calib" / "stats.npz", step)
+            raw_specs = {d: sp.replace(CALIBRATION_SLOT, calib_info["stats"]) for d, sp in raw_specs.items()}
+        specs = {d: _pass_names(raw_specs[d]) for d in dtypes}
         with tensors.spill_to(tmp / ".spill", f"converting into {output}"):  # new weights go to disk, not into the proto
             for i, dtype in enumerate(dtypes):
                 fname = DTYPE_FILES[dtype]
-                spec = pipeline_spec(dtype, fuse, model_dir, pipelines)
+                spec = raw_specs[dtype]
                 step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
                 t0 = time.perf_counter()
                 reset_peak()
@@ -273,6 +306,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             previous = None
         shutil.rmtree(scratch.parent, ignore_errors=True)
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
+        shutil.rmtree(tmp / ".calib", ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external)
         if check_agreement and "fp32" in written and len(written) > 1:
@@ -284,7 +318,29 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
             "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
+            "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "stats"},
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
+
+
+def _calibrate(scratch: Path, model_dir: Path, seqs: list[list[int]] | None, calibration, samples: int | None,
+               out: Path, step) -> dict:
+    """Statistics of every MatMul input of the fp32 export (graphkit/calibration.py) for the calibrated passes."""
+    from graphkit.calibration import chat_prefix, collect_stats, self_generated_sequences
+    from graphkit.memory import peak_rss, reset_peak
+    reset_peak()
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if seqs is None:
+        n = samples or SELF_CALIBRATION_SAMPLES
+        step(f"calibration: no data given; the fp32 model samples {n} sequences of {SELF_CALIBRATION_TOKENS} tokens itself")
+        seqs = self_generated_sequences(scratch, chat_prefix(model_dir), n, SELF_CALIBRATION_TOKENS)
+        source = "self-generated"
+    else:
+        source = str(calibration)
+        step(f"calibration: {len(seqs)} samples from {calibration}")
+    meta = collect_stats(scratch, seqs, out, progress=lambda m: step("   " + m))
+    return {"stats": str(out), "source": source, "sequences": meta["sequences"], "tokens": meta["tokens"],
+            "seconds": round(time.perf_counter() - t0, 2), "peak_rss": peak_rss()}
 
 
 def _link_files(export: Path, dest: Path) -> list[Path]:
