@@ -133,6 +133,7 @@ def convert(
     pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
     calibration: str = typer.Option("self", "--calibration", help="Calibration for the 4-bit dtypes (GPTQ, docs/quantization.md): a JSONL file (the fine-tuning data: {\"messages\": [...]}, {\"text\": ...} or {\"prompt\", \"completion\"} per line); \"self\" (default): sequences the fp32 model samples itself; \"none\": plain round-to-nearest."),
     calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples", min=1, help="How many calibration samples to use (default: 64 from a file, 32 self-generated)."),
+    size_budget: str = typer.Option("1.0x", "--size-budget", help="Mixed precision for q4/q4f16: keep the MatMuls whose 4-bit error is largest (on the calibration statistics) at 8 bits (int8 MatMulInteger) until the file is this factor of its all-4-bit size, e.g. 1.15x (docs/quantization.md). Default 1.0x: all 4-bit."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
@@ -144,6 +145,8 @@ def convert(
             adapter = adapter or example_dir() / "adapter"
         dtype_list = parse_dtypes(dtypes)
         overrides = parse_pipeline_overrides(pipeline or [])
+        from graphkit.mixed import parse_budget
+        budget = parse_budget(size_budget)
         with err.status("converting") as status:
             def progress(msg: str) -> None:
                 err.print(f"• {msg}", soft_wrap=True, markup=False)
@@ -151,7 +154,7 @@ def convert(
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
                                   progress=progress, pipelines=overrides, calibration=calibration,
-                                  calibration_samples=calibration_samples)
+                                  calibration_samples=calibration_samples, size_budget=budget)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

@@ -75,6 +75,7 @@ class DtypeResult:
     error: str | None = None
     pipeline: str | None = None  # the full pass spec that made this file ("" = the export itself)
     agreement_note: str | None = None  # why the agreement check left this file out
+    mixed: dict | None = None  # --size-budget: the weights kept at 8 bits and why (graphkit/mixed.py)
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -215,7 +216,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
             progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
-            calibration: str | Path | None = "self", calibration_samples: int | None = None) -> dict:
+            calibration: str | Path | None = "self", calibration_samples: int | None = None,
+            size_budget: float = 1.0) -> dict:
     from graphkit import tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
@@ -226,6 +228,9 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
     _check_free_space(model_dir, output, dtypes)
+    if size_budget > 1.0 and (fuse or calibration == "none"):
+        raise GraphkitError("--size-budget needs calibration statistics and the unfused graph's MatMul names; "
+                            "drop --fuse / --calibration none, or use --size-budget 1.0")
     calib_seqs = calibration_sequences_for(calibration, model_dir, calibration_samples)
     calib_info: dict | None = None
     chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
@@ -255,6 +260,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             calib_info = _calibrate(scratch, model_dir, calib_seqs, calibration, calibration_samples,
                                     tmp / ".calib" / "stats.npz", step)
             raw_specs = {d: sp.replace(CALIBRATION_SLOT, calib_info["stats"]) for d, sp in raw_specs.items()}
+        mixed: dict[str, dict] = {}
+        if size_budget > 1.0 and calib_info is not None:
+            for d in dtypes:
+                if "matmul-nbits(" in raw_specs[d] and "method=gptq" in raw_specs[d]:
+                    raw_specs[d], mixed[d] = _mixed_spec(raw_specs[d], scratch, Path(calib_info["stats"]), size_budget, step)
         specs = {d: _pass_names(raw_specs[d]) for d in dtypes}
         with tensors.spill_to(tmp / ".spill", f"converting into {output}"):  # new weights go to disk, not into the proto
             for i, dtype in enumerate(dtypes):
@@ -295,7 +305,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         peak = max(peak, export_peak)
                     results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
-                                               [r.name.split("(")[0] for r in reports], peak, pipeline=spec))
+                                               [r.name.split("(")[0] for r in reports], peak, pipeline=spec,
+                                               mixed=mixed.get(dtype)))
                 except GraphkitError as exc:
                     previous = None
                     for f in onnx_dir.glob(fname + "*"):
@@ -341,6 +352,42 @@ def _calibrate(scratch: Path, model_dir: Path, seqs: list[list[int]] | None, cal
     meta = collect_stats(scratch, seqs, out, progress=lambda m: step("   " + m))
     return {"stats": str(out), "source": source, "sequences": meta["sequences"], "tokens": meta["tokens"],
             "seconds": round(time.perf_counter() - t0, 2), "peak_rss": peak_rss()}
+
+
+def _mixed_spec(spec: str, scratch: Path, stats: Path, budget: float, step) -> tuple[str, dict]:
+    """Keep the most sensitive MatMuls of ``spec``'s matmul-nbits at 8 bits (matmul-int8) within ``budget``."""
+    from graphkit import mixed
+    from graphkit.pipeline import parse_spec
+    passes = {p.name: p.options for p in parse_spec(spec)}
+    o = passes["matmul-nbits"]
+    scale_bytes = 2 if "fp16" in passes else 4
+    table = 0
+    if "tied-embedding" in passes:
+        t = passes["tied-embedding"]
+        table = _table_bytes(scratch, t.bits, t.block_size, t.symmetric, scale_bytes)
+    rows, info = mixed.plan(scratch, stats, budget, o.block_size, o.symmetric, scale_bytes, table)
+    kept = [r.node for r in rows if r.kept]
+    step(f"   size budget {budget:g}x: {len(kept)} of {len(rows)} MatMuls kept at 8 bits "
+         f"(+{info['spent_bytes'] / 1e6:.2f} MB of +{info['allowance_bytes'] / 1e6:.2f} MB)")
+    if not kept:
+        return spec, info
+    names = "|".join(kept)
+    i = spec.index("matmul-nbits(")
+    j = spec.index(")", i)
+    spec = spec[:j] + f",exclude={names})" + f",matmul-int8(include={names},lm_head=keep)" + spec[j + 1:]
+    return spec, info
+
+
+def _table_bytes(model_path: Path, bits: int, block_size: int, symmetric: bool, scale_bytes: int) -> int:
+    """Bytes of the tied table in tied-embedding's form (0 when there is no embedding Gather)."""
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
+            V, H = inits[n.input[0]].dims
+            kb = -(-H // block_size)
+            return V * kb * block_size * bits // 8 + V * kb * scale_bytes + (0 if symmetric else V * -(-kb * bits // 8))
+    return 0
 
 
 def _link_files(export: Path, dest: Path) -> list[Path]:
