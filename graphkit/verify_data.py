@@ -215,7 +215,7 @@ def render_data(result: dict, show: int = 0) -> None:
         why = [] if v["passed"] else (
             ([f"top-1 < {v['threshold']:.2f}"] if v["top1_agreement"] < v["threshold"] else [])
             + ([f"{v['nonfinite']} NaN/inf"] if v["nonfinite"] else [])
-            + ([f"{v['facts_total'] - v['facts_kept']} facts lost"] if v["facts_kept"] < v["facts_total"] else []))
+            + ([f"lost {v['facts_total'] - v['facts_kept']} fact(s)"] if v["facts_kept"] < v["facts_total"] else []))
         table.add_row(v["dtype"], f"{v['top1_agreement']:.3f}", f"{v['kl_mean']:.4f}", f"{v['kl_max']:.3f}",
                       f"{v['answers_equal']}/{len(v['first_divergence'])}", f"{v['facts_kept']}/{v['facts_total']}",
                       "[green]pass[/]" if v["passed"] else f"[red]FAIL[/] {escape(', '.join(why))}")
@@ -228,14 +228,20 @@ def render_data(result: dict, show: int = 0) -> None:
     for v in result["variants"]:
         for lost in v["lost_facts"][:3]:
             out.print(f"  {v['dtype']} line {lost['line']}: lost {', '.join(lost['lost'])}", markup=False)
+    # Side by side: the reference's answer and each variant's (fp32 ONNX is left out when it is the reference).
+    shown = [v for v in result["variants"] if not v["error"]
+             and not (v["dtype"] == "fp32" and result["reference"].startswith("fp32 ONNX"))]
     for i, ref in enumerate(result["reference_answers"][:show]):
-        out.print(f"\n[bold]line {ref['line']}[/]: {escape(ref['prompt'])}")
-        out.print(f"[bold]reference[/] ({', '.join(ref['facts']) or 'no facts'}):\n{escape(ref['answer'])}")
-        for v in result["variants"]:
-            if v["error"] or i >= len(v["answers"]):
-                continue
+        t = Table(title=f"line {ref['line']}: {ref['prompt']}", title_justify="left", show_lines=True)
+        t.add_column(f"reference ({result['reference'].split(' (')[0]})", ratio=1)
+        row = [escape(ref["answer"])]
+        for v in shown:
             same = v["first_divergence"][i] is None
             lost = next((x["lost"] for x in v["lost_facts"] if x["line"] == ref["line"]), [])
             verdict = "[green]same answer[/]" if same else (
-                f"[red]lost {escape(', '.join(lost))}[/]" if lost else "[yellow]differs, facts kept[/]")
-            out.print(f"[bold]{v['dtype']}[/] ({verdict}):\n{escape(v['answers'][i])}")
+                f"[red]lost {escape(', '.join(lost))}[/]" if lost else "[yellow]other words, facts kept[/]")
+            t.add_column(f"{v['dtype']}: {verdict}", ratio=1)
+            row.append(escape(v["answers"][i]))
+        t.add_row(*row)
+        t.caption = f"facts the reference takes from the prompt: {', '.join(ref['facts']) or 'none'}"
+        out.print(t)
