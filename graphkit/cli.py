@@ -171,14 +171,34 @@ def verify(
     reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="Hugging Face model folder to compare against with PyTorch (default: the folder's fp32 model.onnx)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="peft adapter to merge into --reference."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON list of prompts (strings, or chat message lists)."),
-    new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens to generate per prompt."),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Tokens to generate per prompt (default 32; with --data: until the end of turn, at most the reference answer's length + 32)."),
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Only these dtypes (comma-separated)."),
     browser: bool = typer.Option(False, "--browser", help="Also run Transformers.js in headless Chromium (wasm and webgpu) and compare its tokens with onnxruntime's."),
     devices: str = typer.Option("wasm,webgpu", "--devices", help="Browser devices for --browser."),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL of your own examples ({\"messages\": [...]} ending with the reference answer, or {\"prompt\", \"completion\"}): teacher-forced top-1/KL over the reference answers, greedy answers vs the reference model's, and the facts (ages, days, doses, sex, diagnosis) each variant keeps."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="With --data: only the first N examples."),
+    facts_threshold: float = typer.Option(1.0, "--facts-threshold", help="With --data: share of the reference's facts a variant must keep (default 1.0: every fact)."),
+    show: int = typer.Option(0, "--show", min=0, help="With --data: print the first N examples' answers, reference and each variant."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Check each ONNX variant against PyTorch (or fp32 ONNX): top-1 agreement, KL, divergence, NaN/inf."""
+    """Check each ONNX variant against PyTorch (or fp32 ONNX): top-1 agreement, KL, divergence, NaN/inf; with --data, on your own examples, with the facts each variant keeps."""
     from graphkit.console import emit_json, err
+    if data is not None:
+        try:
+            if prompts is not None or browser:
+                raise GraphkitError("--data checks your examples; --prompts and --browser belong to the plain check: "
+                                    "run them in a separate `graphkit verify`")
+            from graphkit.verify_data import render_data, verify_data
+            result = verify_data(folder, data, reference, adapter,
+                                 [d.strip() for d in dtypes.split(",")] if dtypes else None, samples, new_tokens,
+                                 facts_threshold, progress=lambda m: err.print(f"• {m}", markup=False))
+        except GraphkitError as exc:
+            _fail(exc)
+        emit_json(result) if json_out else render_data(result, show)
+        if not result["passed"]:
+            raise typer.Exit(1)
+        return
+    new_tokens = 32 if new_tokens is None else new_tokens
     try:
         from graphkit.verify import render, verify_folder
         dtype_list = [d.strip() for d in dtypes.split(",")] if dtypes else None
