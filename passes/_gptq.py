@@ -2,14 +2,15 @@
 
 Given a weight ``W [K, N]`` and the second moment of its input ``H = E[x x^T]`` (``[K, K]``, from
 calibration data; :mod:`graphkit.calibration`), quantize the K rows in order, block by block: each block's
-scales / zero points are chosen (round-to-nearest or the weighted search of :mod:`passes._quant`, on the
-block's weights as updated so far), then each row is rounded and its rounding error is spread over the
+scales / zero points are chosen on the block's weights as updated so far (round-to-nearest's min/max rule
+by default; ``scale_method="search"``: the weighted search of :mod:`passes._quant`, which gave the same
+end-to-end figures on the shipped example within noise at ~50x the cost, docs/quantization.md), then each row is rounded and its rounding error is spread over the
 rows not yet quantized along ``H^-1`` (Frantar et al., 2022, "GPTQ"), which minimises the layer's output
 error ``E ||x W - x dequant(W)||^2`` row by row. The stored form is exactly RTN's (uint8 levels, per-block
 scale, integer zero point): any runtime that loads MatMulNBits loads the result.
 
 Vectorised over the N output columns; the loop runs over K rows (the trailing update is one matrix
-product per block). Memory: W, H and its inverse factor in float64 — for the Qwen2.5-1.5B shape's
+product per block). Memory: W in float32, H and its inverse factor in float64 — for the Qwen2.5-1.5B shape's
 largest weight (K 8960) about 1.4 GB, so convert uses full H only up to ``full_max_k`` (default 4096)
 and the diagonal-weighted search above it (graphkit/calibration.py).
 """
@@ -34,7 +35,7 @@ def inverse_factor(H: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.nd
 
 
 def gptq_quantize(w_KN: np.ndarray, H: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                  scale_method: str = "search", dtype: np.dtype | None = None,
+                  scale_method: str = "rtn", dtype: np.dtype | None = None,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Returns ``(packed [N, kb, blob], scales [N, kb], zero_points packed or None)`` like
     :func:`passes._quant.quantize_blockwise`."""
@@ -42,7 +43,8 @@ def gptq_quantize(w_KN: np.ndarray, H: np.ndarray, bits: int, block_size: int, s
     K, N = w_KN.shape
     kb = k_blocks(K, block_size)
     U, dead = inverse_factor(H)
-    W = np.array(w_KN, dtype=np.float64, copy=True)
+    U = U.astype(np.float32)  # the factorisation in float64, the row updates in float32 (half the memory traffic)
+    W = np.array(w_KN, dtype=np.float32, copy=True)
     W[dead, :] = 0.0
     diag = np.clip(np.diag(np.asarray(H, np.float64)), 0, None)
     qmax = (1 << bits) - 1
@@ -59,14 +61,14 @@ def gptq_quantize(w_KN: np.ndarray, H: np.ndarray, bits: int, block_size: int, s
                                     diag[g0:g1].astype(np.float32))
         else:
             _, s, zp = _quantize_cols(wt, g1 - g0, bits, g1 - g0, symmetric, dtype)
-        s = s.astype(np.float32).reshape(N).astype(np.float64)
-        z = (np.full(N, half, np.float64) if zp is None else zp.reshape(N).astype(np.float64))
+        s = s.astype(np.float32).reshape(N)
+        z = (np.full(N, half, np.float32) if zp is None else zp.reshape(N).astype(np.float32))
         scales[:, b] = s.astype(dtype)
         if zps is not None:
             zps[:, b] = z.astype(np.uint8)
         with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(s != 0, 1.0 / s, 0.0)
-        err = np.zeros((g1 - g0, N))
+            r = np.where(s != 0, np.float32(1) / s, np.float32(0))
+        err = np.zeros((g1 - g0, N), np.float32)
         for i in range(g1 - g0):
             w = Wg[i]
             q = np.clip(np.rint(w * r) + z, 0, qmax)
