@@ -201,6 +201,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     dtypes = dtypes or DEFAULT_DTYPES
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
+    from graphkit.onnx_source import find_onnx_source
+    source = find_onnx_source(model_dir)  # an ONNX export instead of PyTorch weights: no export, no torch
+    if source is not None and adapter_dir:
+        raise GraphkitError(f"{model_dir}: an ONNX export cannot take --adapter (merge it before exporting, or convert "
+                            "the Hugging Face folder with --adapter)")
     _check_free_space(model_dir, output, dtypes)
     chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
     t_start = time.perf_counter()
@@ -211,10 +216,15 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         onnx_dir = tmp / "onnx"
         onnx_dir.mkdir()
         scratch = tmp / ".export" / "model.onnx"
-        step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
         t0 = time.perf_counter()
         reset_peak()
-        _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
+        if source is not None:
+            from graphkit.onnx_source import prepare_onnx_source
+            step(f"export: none — starting from the ONNX export {source}")
+            prepare_onnx_source(model_dir, source, scratch, lambda m: step("   " + m))
+        else:
+            step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
+            _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
         export_s = time.perf_counter() - t0
         export_peak = peak_rss()
         release_free_memory()
@@ -277,12 +287,13 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         write_configs(model_dir, tmp, written, external)
         if check_agreement and "fp32" in written and len(written) > 1:
             step("agreement with fp32 on the default prompts")
-            _agreement(tmp, results, output)
+            _agreement(tmp, results, output, torch_free=source is not None)
         _swap_into_place(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
+            "onnx_source": str(source) if source is not None else None,
             "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
 
@@ -331,10 +342,11 @@ def _export(model_dir: Path, scratch: Path, adapter_dir: Path | None, exporter: 
 AGREEMENT_MAX_FP16_BYTES = 1 << 30
 
 
-def _agreement(folder: Path, results: list[DtypeResult], output: Path) -> None:
-    from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts
+def _agreement(folder: Path, results: list[DtypeResult], output: Path, torch_free: bool = False) -> None:
+    from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts, encode_prompts_tokenizers
     from graphkit.verify import OnnxReference, check_variant, reference_runs
-    prompts = encode_prompts(folder, DEFAULT_PROMPTS[:2])
+    # from an ONNX export nothing may import torch (transformers' AutoTokenizer does): tokenizers + jinja2
+    prompts = (encode_prompts_tokenizers if torch_free else encode_prompts)(folder, DEFAULT_PROMPTS[:2])
     runs = reference_runs(OnnxReference(folder / "onnx" / "model.onnx"), prompts, 16)
     for r in results:
         if r.ok and r.dtype == "fp16" and r.bytes > AGREEMENT_MAX_FP16_BYTES:
