@@ -170,6 +170,19 @@ def test_fp16_norm_variance_and_softmax_warnings(tmp_path):
     assert "fp16-softmax" not in f and "fp16-norm-variance" not in f
 
 
+def test_fp16_warnings_on_onnxruntime_float16_converter_output(tmp_path):
+    """A real producer: onnxruntime's float16 converter (the anchor fp16 recipe) on the optimum export."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    m16 = convert_float_to_float16(onnx.load(CORRECT / "model.onnx"), keep_io_types=True)
+    f = codes(inspect_path(_save(m16, tmp_path / "onnx" / "model_fp16.onnx")))
+    assert f["fp16-norm-variance"]["evidence"]["count"] == 9 and f["fp16-softmax"]["evidence"]["count"] == 4
+
+
+def test_verify_reads_an_optimum_export():
+    from graphkit.verify import variants_in
+    assert variants_in(ROPE_BAD) == [("fp32", ROPE_BAD / "model.onnx"), ("q8", ROPE_BAD / "model_quantized.onnx")]
+
+
 def test_int4_lm_head_and_accuracy_level_warnings(tmp_path):
     from passes.matmul_nbits import MatMulNBitsPass
     q4 = MatMulNBitsPass(bits=4, block_size=16, accuracy_level=4, lm_head="4")(toy_decoder(tied=False)).model
@@ -241,6 +254,8 @@ def test_convert_from_optimum_export_writes_every_dtype_and_verify_passes(from_o
     assert {d["dtype"] for d in summary["dtypes"] if d["ok"]} == {"fp32", "fp16", "q4", "q4f16", "q8"}
     rep = inspect_path(out)
     assert rep["errors"] == 0 and rep["verdict"]["ok"], [f for m in rep["models"] for f in m["findings"]]
+    fp16 = next(m for m in rep["models"] if m["path"].endswith("model_fp16.onnx"))
+    assert not {"fp16-softmax", "fp16-norm-variance"} & {f["code"] for f in fp16["findings"]}
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())  # embedded from the .jinja
     result = verify_folder(out, dtypes=["q4f16", "q8"])
     assert result["passed"], result["variants"]
