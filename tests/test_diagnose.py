@@ -89,6 +89,20 @@ def test_rope_mismatch_inv_freq_and_caches(tmp_path, form):
     assert "rope-mismatch" not in codes(good)
 
 
+def test_rope_from_fuse_rotary_cos_cache(tmp_path):
+    """After fuse-rotary the graph has no inv_freq, only cos/sin caches: still checked (both ways)."""
+    from graphkit.modelio import load_model
+    from graphkit.pipeline import parse_spec, run_passes
+    fused, _ = run_passes(load_model(CORRECT / "model.onnx"), parse_spec("fuse-rotary(max_positions=64)"))
+    cfg = json.loads((CORRECT / "config.json").read_text())
+    path = _folder_with(fused, tmp_path / "f", cfg)
+    assert "rope-mismatch" not in codes(inspect_path(path))
+    cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"] = 1e4
+    (tmp_path / "f" / "config.json").write_text(json.dumps(cfg))
+    f = codes(inspect_path(path))["rope-mismatch"]
+    assert f["evidence"]["form"] in ("cos cache", "sin cache") and abs(f["evidence"]["graph_theta"] - 1e6) < 1e3
+
+
 def test_rope_expected_frequencies_match_transformers():
     """Our config → inv_freq for default / linear / llama3 equals transformers' own rope init."""
     import torch  # noqa: F401  (transformers' rope functions need it; inspect itself never imports it)
