@@ -243,7 +243,29 @@ def _export_to_file(model, exporter: Exporter, path: Path, step) -> None:
         raise GraphkitError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
 
 
+def strip_trace_metadata(model: onnx.ModelProto) -> None:
+    """Drop torch.onnx's per-node debugging metadata (``pkg.torch.onnx.*`` stack traces with absolute source paths
+    and line numbers, ``namespace``): it leaks the converting machine's paths into the shipped files and made the
+    same model's bytes depend on where graphkit is installed."""
+    def strip(props) -> None:
+        keep = [p for p in props if not (p.key.startswith("pkg.torch.") or p.key == "namespace")]
+        if len(keep) != len(props):
+            kept = [(p.key, p.value) for p in keep]
+            del props[:]
+            for k, v in kept:
+                props.add(key=k, value=v)
+    strip(model.graph.metadata_props)  # the ExportedProgram's signature and range constraints
+    for graph in [model.graph] + [f for f in model.functions]:
+        for n in graph.node:
+            strip(n.metadata_props)
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        strip(vi.metadata_props)
+    for t in model.graph.initializer:
+        strip(t.metadata_props)
+
+
 def _finalize(onnx_model: onnx.ModelProto, config, exporter: str) -> onnx.ModelProto:
+    strip_trace_metadata(onnx_model)
     normalize_io(onnx_model)
     check_static_kv(onnx_model, *kv_shape(config))
     onnx_model.producer_name = "graphkit"
