@@ -168,7 +168,7 @@ def graph_rope_frequencies(model: onnx.ModelProto, base_dir: Path, half: int) ->
                 if np.all(np.isfinite(a)) and np.all(a > 0) and a[0] <= 1 + 1e-6 and np.all(np.diff(a) < 0):
                     found.append((name, "inv_freq", a))
             elif len([d for d in dims if d > 1]) == 2 and dims[-1] in (half, 2 * half) and n // dims[-1] >= 2:
-                a = np.asarray(tensor_array(t, base_dir), np.float64).reshape(-1, dims[-1])
+                a = np.asarray(tensor_array(t, base_dir).reshape(-1, dims[-1])[:2], np.float64)  # 2 rows only
                 row0, row1 = a[0, :half], a[1, :half]
                 if np.allclose(row0, 1, atol=1e-3) and np.all(np.abs(row1) <= 1):
                     found.append((name, "cos cache", np.arccos(np.clip(row1, -1, 1))))
@@ -226,13 +226,29 @@ def vocab_findings(report: dict, config: dict | None) -> list[dict]:
 # ------------------------------------------------------------------------------------------ float16
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value, by ONNX shape inference on a copy without weight data (large
+    initializers become typed graph inputs: a 1 GB inline fp16 file is not copied for this)."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    declared = {v.name for v in model.graph.input}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) <= 4096:
+            g.initializer.append(t)  # small ones can carry shapes (Reshape targets, axes)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    light.functions.extend(model.functions)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:  # an unknown contrib op or a broken graph: use what the file states
-        inferred = model
+        inferred = light
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
-    types.update({t.name: t.data_type for t in g.initializer})
+    types.update({t.name: t.data_type for t in model.graph.initializer})
     return types
 
 
