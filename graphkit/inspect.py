@@ -595,6 +595,7 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
         loose = sorted(p.name for p in folder.glob("*.onnx"))
         findings.append(finding("error", "no-model", "no onnx/*.onnx" + (f" ({_short(loose)} must move into onnx/)"
                                                                           if loose else ""),
+                                f"`graphkit convert {folder} -o OUT` (starts from this export)" if loose else
                                 "put the model at onnx/model{suffix}.onnx (`graphkit convert` does)"))
         models = sorted(folder.glob("*.onnx"))  # an optimum export: still diagnose what is there
     reports = [inspect_model(p, config) for p in models]
