@@ -320,6 +320,7 @@ def test_convert_refuses_an_already_quantized_export(tmp_path):
     assert res.exit_code == 2 and "--adapter" in res.output
 
 
+@pytest.mark.slow
 def test_convert_from_transformersjs_layout_with_external_data(tmp_path):
     """onnx/model.onnx with its weights in model.onnx_data (a Transformers.js folder), q8 only: no torch."""
     src = tmp_path / "tjs"
