@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto
 
 from graphkit.inspect import all_initializers, all_nodes, attr_value, tensor_array
+from graphkit.tjs_contract import INPUT_IDS, LOGITS
 
 REQUANT_FIX = ("re-quantize from the fp32 model with per-token activation scales: `graphkit convert FOLDER -o OUT` "
                "(its q8 is `matmul-int8`), or `graphkit apply model.onnx -o model_quantized.onnx --passes "
@@ -213,7 +214,7 @@ def rope_findings(model: onnx.ModelProto, base_dir: Path, config: dict | None) -
 def vocab_findings(report: dict, config: dict | None) -> list[dict]:
     if not config or not config.get("vocab_size"):
         return []
-    logits = next((e for e in report["outputs"] if e["name"] == "logits"), None)
+    logits = next((e for e in report["outputs"] if e["name"] == LOGITS), None)
     width = logits["shape"][-1] if logits and logits["shape"] else None
     if isinstance(width, int) and width != int(config["vocab_size"]):
         return [finding("error", "config-vocab", f"logits are {width} wide but config.json says vocab_size="
@@ -289,7 +290,7 @@ def fp16_findings(model: onnx.ModelProto, report: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------- 4-bit choices
 
 def nbits_findings(model: onnx.ModelProto, report: dict, config: dict | None) -> list[dict]:
-    logits = next((e for e in report["outputs"] if e["name"] == "logits"), None)
+    logits = next((e for e in report["outputs"] if e["name"] == LOGITS), None)
     vocab = logits["shape"][-1] if logits and logits["shape"] and isinstance(logits["shape"][-1], int) else None
     vocab = vocab or (config or {}).get("vocab_size")
     nbits = [n for n in all_nodes(model.graph) if n.op_type == "MatMulNBits"]
@@ -323,7 +324,7 @@ def nbits_findings(model: onnx.ModelProto, report: dict, config: dict | None) ->
 
 def is_decoder(report: dict) -> bool:
     names = {e["name"] for e in report["inputs"]} | {e["name"] for e in report["outputs"]}
-    return "logits" in names or "input_ids" in names
+    return LOGITS in names or INPUT_IDS in names
 
 
 def model_diagnoses(model: onnx.ModelProto, path: Path, report: dict, config: dict | None) -> list[dict]:

@@ -23,9 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from graphkit.errors import GraphkitError
+from graphkit.tjs_contract import DTYPE_FILES, ONNX_DIR
 
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-FP32_NAMES = ("onnx/model.onnx", "model.onnx")
+FP32_NAMES = (f"{ONNX_DIR}/{DTYPE_FILES['fp32']}", DTYPE_FILES["fp32"])  # Transformers.js layout, then optimum's
 
 
 def find_onnx_source(model_dir: Path) -> Path | None:
@@ -38,7 +39,7 @@ def find_onnx_source(model_dir: Path) -> Path | None:
     for name in FP32_NAMES:
         if (model_dir / name).is_file():
             return model_dir / name
-    others = sorted(str(p.relative_to(model_dir)) for p in list(model_dir.glob("*.onnx")) + list(model_dir.glob("onnx/*.onnx")))
+    others = sorted(str(p.relative_to(model_dir)) for p in list(model_dir.glob("*.onnx")) + list(model_dir.glob(f"{ONNX_DIR}/*.onnx")))
     if others:
         raise GraphkitError(f"{model_dir}: holds {', '.join(others[:4])} but no fp32 model.onnx; convert starts from "
                             "the fp32 export (quantizing a quantized or float16 file again stacks the errors) — point "
