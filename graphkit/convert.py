@@ -118,6 +118,10 @@ def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], externa
     if "head_dim" not in config and config.get("hidden_size") and config.get("num_attention_heads"):
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]  # Transformers.js 3.x qwen3 reads it
     tjs = dict(config.get(TJS_CONFIG, {}))
+    # these two describe the files written here, never the source's (converting a Transformers.js folder)
+    tjs.pop(KV_CACHE_DTYPE, None)
+    tjs.pop(USE_EXTERNAL_DATA, None)
+    config.pop(TJS_CONFIG, None)
     fp16_kv = {d: "float16" for d in dtypes_written if d in FP16_KV_DTYPES}
     if fp16_kv:
         tjs[KV_CACHE_DTYPE] = fp16_kv  # read by Transformers.js 3.x–4.1; 4.2+ reads the graph

@@ -328,6 +328,9 @@ def test_convert_from_transformersjs_layout_with_external_data(tmp_path):
     for f in CORRECT.iterdir():
         if f.suffix != ".onnx":
             shutil.copyfile(f, src / f.name)
+    cfg = json.loads((src / "config.json").read_text())  # as a Transformers.js folder declares its files
+    cfg["transformers.js_config"] = {"use_external_data_format": {"model.onnx": 1}, "kv_cache_dtype": {"q4f16": "float16"}}
+    (src / "config.json").write_text(json.dumps(cfg))
     save_model(onnx.load(CORRECT / "model.onnx"), src / "onnx" / "model.onnx", external_data=True)
     assert (src / "onnx" / "model.onnx_data").is_file()
     res, torch_loaded = _convert(src, tmp_path / "out", "--dtypes", "fp32,q8")
@@ -336,6 +339,9 @@ def test_convert_from_transformersjs_layout_with_external_data(tmp_path):
     summary = json.loads(res.stdout)
     q8 = next(d for d in summary["dtypes"] if d["dtype"] == "q8")
     assert q8["ok"] and q8["top1_vs_fp32"] >= 0.9
+    # the output's files are small and inline: the source's external-data / fp16-KV declarations must not carry over
+    assert "transformers.js_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert inspect_path(tmp_path / "out")["errors"] == 0
 
 
 def test_find_onnx_source_prefers_pytorch_weights(tmp_path):
