@@ -232,6 +232,9 @@ def test_optimum_export_from_transformers5_config_names_the_rope_mismatch():
     assert len(rope) == 2 and all(f["level"] == "error" for f in rope)  # model.onnx and model_quantized.onnx
     assert abs(rope[0]["evidence"]["graph_theta"] - 1e4) < 1 and rope[0]["evidence"]["config_theta"] == 1e6
     assert rep["verdict"]["errors"][0]["code"] in ("rope-mismatch", "act-quant-per-tensor")
+    # transformers 5 saved the chat template only in chat_template.jinja, which Transformers.js never reads
+    assert codes(rep)["chat-template"]["level"] == "error"
+    assert codes(rep)["config-rope-conflict"]["evidence"] == {"rope_parameters.rope_theta": 1e6, "rope_theta": 1e4}
     text = " ".join(cli("inspect", str(ROPE_BAD / "model.onnx")).output.split())
     assert text.startswith("✗ verdict") and "rope-mismatch" in text and "rope_theta ≈ 10,000" in text
     assert "re-export with graphkit" in text
