@@ -59,33 +59,69 @@ def _refuse_not_fp32(src: Path, report: dict) -> None:
                             "export — point MODEL_DIR at the folder with the fp32 model.onnx")
 
 
+def _has_inline_weights(model, min_bytes: int = 1 << 20) -> bool:
+    from onnx import TensorProto
+
+    from graphkit.modelio import iter_tensors
+    return any(t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= min_bytes for t in iter_tensors(model))
+
+
+def _weights_report(model, base_dir: Path) -> dict:
+    """The parts of inspect's report that say whether this is an fp32 model (no file needed)."""
+    from graphkit.inspect import _float_weight_dtype, detected_dtype, dtype_name, quantization_report, tensor_nbytes
+    from graphkit.modelio import iter_tensors
+    by_dtype: dict = {}
+    for t in iter_tensors(model):
+        d = by_dtype.setdefault(dtype_name(t.data_type), {"count": 0, "bytes": 0})
+        d["count"] += 1
+        d["bytes"] += tensor_nbytes(t)
+    report = {"quantization": quantization_report(model, base_dir), "float_weights": _float_weight_dtype(by_dtype)}
+    report["detected_dtype"] = detected_dtype(report)
+    return report
+
+
 def prepare_onnx_source(model_dir: Path, src: Path, scratch: Path, step: Callable[[str], None]) -> dict:
     """Check ``src`` (refusing a wrong fp32), kv-rename it and stage it at ``scratch`` with external data.
-    Returns {"source", "passes", "warnings"}."""
+    Returns {"source", "passes", "warnings"}.
+
+    Memory: a file with inline weights (< 2 GB, no external data) is parsed once and its weights are
+    written out to a staging file straight away; everything after that (the checks, kv-rename with its
+    checker and shape inference, the pipelines) works on a weight-free proto reading tensors from disk."""
     from graphkit.diagnose import blocking
     from graphkit.hfmodel import read_json
     from graphkit.inspect import inspect_model
+    from graphkit.memory import release_free_memory
     from graphkit.modelio import load_model, save_model
     from graphkit.pipeline import parse_spec, run_passes
 
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     config = read_json(config_path, "an ONNX export needs its config.json beside it (Transformers.js reads it)")
-    step(f"checking {src} against {config_path.name} (as `graphkit inspect` does)")
-    report = inspect_model(src, config)
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    model = load_model(src, load_external="lazy")  # external tensors stay on disk, read one at a time
+    if _has_inline_weights(model):
+        staged = scratch.with_name("source.onnx")
+        step(f"moving the inline weights of {src.name} to {staged.name}_data (the rest works from disk)")
+        save_model(model, staged, external_data=True)
+        del model
+        release_free_memory()
+        model = load_model(staged, load_external="lazy")
+    _refuse_not_fp32(src, _weights_report(model, scratch.parent))  # before kv-rename: it may not parse such graphs
+    spec = f"kv-rename(config={config_path})"
+    model, reports = run_passes(model, parse_spec(spec), on_report=lambda r: step("   " + r.line()))
+    save_model(model, scratch, external_data=True)
+    del model
+    release_free_memory()
+    for leftover in scratch.parent.glob("source.onnx*"):
+        leftover.unlink()
+    step(f"checking {src.name} against {config_path.name} (as `graphkit inspect` does)")
+    report = inspect_model(scratch, config)
     _refuse_not_fp32(src, report)
     bad = blocking(report["findings"])
     if bad:
         f = bad[0]
         raise GraphkitError(f"{src}: cannot convert: {f['message']}; fix: {f['fix']}")
-    model = load_model(src, load_external="lazy")  # tensors are read one at a time, copied file to file
-    spec = f"kv-rename(config={config_path})"
-    model, reports = run_passes(model, parse_spec(spec), on_report=lambda r: step("   " + r.line()))
-    scratch.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, scratch, external_data=True)
-    del model
-    after = inspect_model(scratch, config)
-    errors = [f for f in after["findings"] if f["level"] == "error"]
+    errors = [f for f in report["findings"] if f["level"] == "error"]
     if errors:
         f = errors[0]
         raise GraphkitError(f"{src}: after kv-rename the graph still breaks Transformers.js: {f['message']}; "
