@@ -289,6 +289,9 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external)
+        if written:  # the app snippet: how to load this folder with Transformers.js (graphkit/usage.py)
+            from graphkit.usage import write_usage
+            write_usage(tmp, written, output)
         if check_agreement and "fp32" in written and len(written) > 1:
             step("agreement with fp32 on the default prompts")
             _agreement(tmp, results, output, torch_free=source is not None)
@@ -367,14 +370,16 @@ def render(summary: dict) -> None:
 
     from graphkit.console import fmt_bytes, out
     table = Table(title=f"graphkit convert → {summary['output']} ({summary['total_s']} s)")
-    for col in ("dtype", "file", "size", "time s", "peak RSS", "top-1", "KL", "status"):
+    # the figures that matter first: below 80 columns the console splits the table after them (console.fit_table)
+    for col in ("dtype", "size", "top-1", "KL", "status", "file", "time s", "peak RSS"):
         table.add_column(col, no_wrap=True)
     for d in summary["dtypes"]:
-        table.add_row(d["dtype"], d["file"].removeprefix("onnx/"), fmt_bytes(d["bytes"]) if d["ok"] else "-", str(d["seconds"]),
-                      fmt_bytes(d["peak_rss"]) if d.get("peak_rss") else "-",
+        table.add_row(d["dtype"], fmt_bytes(d["bytes"]) if d["ok"] else "-",
                       "-" if d["top1_vs_fp32"] is None else f"{d['top1_vs_fp32']:.3f}",
                       "-" if d["kl_vs_fp32"] is None else f"{d['kl_vs_fp32']:.5f}",
-                      "[green]ok[/]" if d["ok"] else "[red]FAILED[/]")
+                      "[green]ok[/]" if d["ok"] else "[red]FAILED[/]",
+                      d["file"].removeprefix("onnx/"), str(d["seconds"]),
+                      fmt_bytes(d["peak_rss"]) if d.get("peak_rss") else "-")
     out.print(table)
     out.print("top-1 agreement and KL: teacher-forced against the fp32 model on the default prompts; "
               "peak RSS: the process's highest resident memory during that step (fp32: the export)", markup=False)
@@ -385,3 +390,9 @@ def render(summary: dict) -> None:
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
+    usage = Path(summary["output"]) / "USAGE.md"
+    if usage.is_file():  # the few lines that load the folder in an app (also written there)
+        from graphkit.usage import extract_snippet
+        out.print(f"\nload it in your app with Transformers.js ({usage}; try it first: graphkit serve {summary['output']}):\n",
+                  markup=False, soft_wrap=True)
+        out.print(extract_snippet(usage.read_text(encoding="utf-8")), markup=False, soft_wrap=True, highlight=False)
