@@ -82,6 +82,7 @@ def test_gptq_option_needs_calibration():
         MatMulNBitsPass(method="gptq")
 
 
+@pytest.mark.slow
 def test_calibration_statistics(exported_example, tmp_path):
     """collect_stats on the fp32 export: one entry per MatMul input, H symmetric PSD with the importance on its
     diagonal, every quantizable weight mapped; equal to E[x x^T] computed from the activation itself."""
@@ -107,6 +108,7 @@ def _score(path: Path, runs) -> float:
     return check_variant("q4", path, runs).kl_mean
 
 
+@pytest.mark.slow
 def test_default_4bit_beats_round_to_nearest(converted, golden, tmp_path):
     """The shipped example, default pipelines (GPTQ on self-generated calibration): KL vs fp32 over the golden
     and default prompts (32 greedy fp32 tokens each, none used for calibration) <= 0.8x the same pipeline with
