@@ -168,7 +168,7 @@ def verify(
     new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens to generate per prompt."),
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Only these dtypes (comma-separated)."),
     browser: bool = typer.Option(False, "--browser", help="Also run Transformers.js in headless Chromium (wasm and webgpu) and compare its tokens with onnxruntime's."),
-    devices: str = typer.Option("wasm,webgpu", "--devices", help="Browser devices for --browser."),
+    devices: str = typer.Option("wasm,webgpu", "--devices", help="Browser devices for --browser: wasm, webgpu (Chromium's own adapter), webgpu:lavapipe (Mesa lavapipe with shader-f16, set up by scripts/setup.sh)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check each ONNX variant against PyTorch (or fp32 ONNX): top-1 agreement, KL, divergence, NaN/inf."""
