@@ -55,7 +55,13 @@ fi
 
 [ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ] || unavailable "this set-up handles Debian amd64 only (dpkg says '$(dpkg --print-architecture 2>/dev/null)')"
 command -v apt-get >/dev/null && command -v dpkg >/dev/null || unavailable "apt-get/dpkg not found: the route extracts Debian packages (Debian 12 bookworm)"
-command -v gcc >/dev/null || unavailable "gcc not found: the Chromium ICD shim and the probe are compiled at set-up time (apt-get install gcc libc6-dev)"
+if ! command -v gcc >/dev/null; then  # like Chromium itself (setup.sh), the compiler comes from Debian's apt
+  say "installing gcc (the ICD shim and the probe are compiled at set-up time)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1 \
+    || { $SUDO apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1; }
+fi
+command -v gcc >/dev/null || unavailable "gcc not found and apt-get could not install it: the Chromium ICD shim and the probe are compiled at set-up time (apt-get install gcc libc6-dev)"
 
 # A private apt configuration: its own sources list, package lists and cache under build/lavapipe/apt, so the
 # system's sources and installed packages stay untouched.
