@@ -292,10 +292,10 @@ def render(base: Path, size: str, limits: bool = False) -> str:
              "### Decode tok/s side by side\n", side_by_side(groups), ""]
     if limits:
         parts += ["### Browser limits per file\n",
-                  "wasm32 memory (4 GiB: every weight is copied into it for device 'wasm'), WebGPU's "
-                  "maxStorageBufferBindingSize (128 MiB on lavapipe and by default; one weight = one binding), "
-                  "onnxruntime-web reading each external-data chunk into one buffer (convert keeps chunks < 2 GB). "
-                  "`graphkit convert` prints these at write time (graphkit/browser_limits.py).\n",
+                  "wasm32 memory (4 GiB: every weight is copied into it for device 'wasm'); onnxruntime-web reads "
+                  "each external-data chunk into one buffer (convert keeps chunks < 2 GB). `graphkit convert` prints "
+                  "these at write time (graphkit/browser_limits.py). Not a limit here: lavapipe's 128 MiB "
+                  "maxStorageBufferBindingSize — q4's 223 MiB 8-bit table loads and runs on it (table above).\n",
                   limits_table(base), ""]
     for g in groups:
         parts += [f"### Group `{g['group']}` ({g['date']})\n",
