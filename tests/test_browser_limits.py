@@ -56,7 +56,7 @@ def test_convert_warns_at_write_time(tmp_path, monkeypatch, capsys):
     (model_dir / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {}}}))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     lines: list[str] = []
-    summary = convert(model_dir, tmp_path / "out", dtypes=["fp32", "q4f16"], check_agreement=False,
+    summary = convert(model_dir, tmp_path / "out", dtypes=["fp32", "q4f16"], check_agreement=False, calibration="none",
                       progress=lines.append)
     warned = {d["dtype"]: d["warnings"] for d in summary["dtypes"]}
     assert warned["q4f16"] is None, warned
