@@ -73,6 +73,7 @@ class DtypeResult:
     error: str | None = None
     pipeline: str | None = None  # the full pass spec that made this file ("" = the export itself)
     agreement_note: str | None = None  # why the agreement check left this file out
+    warnings: list[str] | None = None  # browser limits the file breaks (graphkit.browser_limits)
     mixed: dict | None = None  # --size-budget: the weights kept at 8 bits and why (graphkit/mixed.py)
 
 
@@ -220,7 +221,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
             calibration: str | Path | None = "self", calibration_samples: int | None = None,
             size_budget: float = 1.0) -> dict:
-    from graphkit import tensors
+    from graphkit import browser_limits, tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
     from graphkit.pipeline import parse_spec, run_passes
@@ -306,6 +307,9 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
                     else:
                         files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
+                    limits = browser_limits.check(model, dtype)
+                    for w in limits:
+                        step(f"   WARNING: onnx/{fname}: {w}")
                     extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
                     previous = (names, model, reports) if names and extended_later else None
                     del model
@@ -318,6 +322,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
                                                [r.name.split("(")[0] for r in reports], peak, pipeline=spec,
+                                               warnings=limits or None,
                                                mixed=mixed.get(dtype)))
                 except GraphkitError as exc:
                     previous = None
@@ -483,6 +488,8 @@ def render(summary: dict) -> None:
             out.print(f"[red]{d['dtype']} failed:[/] {escape(d['error'] or '')}", soft_wrap=True)
         elif d.get("agreement_note"):
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
+        for w in d.get("warnings") or []:
+            out.print(f"warning: {d['file']}: {w}", markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
     usage = Path(summary["output"]) / "USAGE.md"
