@@ -131,24 +131,27 @@ def convert(
     fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
     pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
+    target: str = typer.Option("transformers.js@4", "--target", help="Runtimes the folder is made for: transformers.js@4 (default: the fastest forms, 4.x only) or transformers.js@3 (every file also loads and runs right in Transformers.js 3.x: q4 with an int8 MatMulInteger head, q4f16 at accuracy_level 0, no --fuse). Recorded in config.json (\"graphkit\"); docs/runtimes.md."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
     try:
         from graphkit.convert import convert as run_convert, parse_dtypes, parse_pipeline_overrides, render
+        from graphkit.runtimes import parse_target
         if model_dir is None:
             from graphkit.examples import example_dir
             model_dir = example_dir() / "base"
             adapter = adapter or example_dir() / "adapter"
         dtype_list = parse_dtypes(dtypes)
         overrides = parse_pipeline_overrides(pipeline or [])
+        target_key = parse_target(target)
         with err.status("converting") as status:
             def progress(msg: str) -> None:
                 err.print(f"• {msg}", soft_wrap=True, markup=False)
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
-                                  progress=progress, pipelines=overrides)
+                                  progress=progress, pipelines=overrides, target=target_key)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

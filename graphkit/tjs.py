@@ -43,11 +43,45 @@ def run_client(folder: Path, dtype: str, messages: list, new_tokens: int, client
     return _run_harness(cmd, Path(prompts), timeout_s, f"Transformers.js ({client}, {dtype})")
 
 
-def _run_harness(cmd: list[str], input_file: Path, timeout_s: int, label: str) -> dict:
+def client_dir(client: str | None) -> Path:
+    """The folder of a Transformers.js client: None/"js" = the pinned harness (tests/js), else tests/<client>
+    (tests/js-tjs3: 3.8.1, tests/js-tjs4-latest: the newest 4.x; graphkit/runtimes.py RUNTIMES[...].clients)."""
+    folder = HARNESS if client in (None, "js") else HARNESS.parent / client
+    if not (folder / "node_modules" / "@huggingface" / "transformers").is_dir():
+        raise GraphkitError(f"{folder}: Transformers.js is not installed; run `bash scripts/setup.sh`")
+    return folder
+
+
+def run_matrix(client: str | None, jobs: list[tuple[Path, str]], messages: list, new_tokens: int,
+               timeout_s: int = 900) -> dict:
+    """Greedy generation for every (folder, dtype) in ``jobs`` in one Node process of ``client``'s Transformers.js
+    (tests/js/generate_matrix.mjs). Returns ``{transformers_version, onnxruntime_node_version, runs: [...]}``; a job
+    that fails (e.g. a file the runtime cannot load) has ``error`` instead of ``results``."""
+    import os
+    folder = client_dir(client)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump([{"messages": m} for m in messages], fh, ensure_ascii=False)
+        prompts = Path(fh.name)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump([{"model_dir": str(Path(d).resolve()), "dtype": t} for d, t in jobs], fh)
+        jobs_file = Path(fh.name)
+    env = dict(os.environ)
+    env.pop("GRAPHKIT_TJS_CLIENT", None)
+    if folder != HARNESS:
+        env["GRAPHKIT_TJS_CLIENT"] = str(folder)
+    cmd = ["node", str(HARNESS / "generate_matrix.mjs"), "--jobs", str(jobs_file), "--prompts", str(prompts),
+           "--max-new-tokens", str(new_tokens)]
+    try:
+        return _run_harness(cmd, prompts, timeout_s, f"Transformers.js matrix ({folder.name})", env=env)
+    finally:
+        jobs_file.unlink(missing_ok=True)
+
+
+def _run_harness(cmd: list[str], input_file: Path, timeout_s: int, label: str, env: dict | None = None) -> dict:
     """Run one harness script (it prints exactly one JSON object), delete its input file, return the object
     with ``returncode`` added."""
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     finally:
         input_file.unlink(missing_ok=True)
     try:

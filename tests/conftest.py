@@ -78,6 +78,27 @@ def converted(tmp_path_factory):
     return out, json.loads(res.stdout)
 
 
+@pytest.fixture(scope="session")
+def fused(tmp_path_factory) -> Path:
+    """`graphkit convert --fuse`: contrib-op fusions (SimplifiedLayerNorm, GroupQueryAttention on packed q/k/v with
+    its own rotary)."""
+    out = tmp_path_factory.mktemp("fused") / "epicrisis-fused"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--dtypes", "fp32,fp16,q4,q4f16,q8",
+                          "--output", str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted_tjs3(tmp_path_factory) -> Path:
+    """`graphkit convert --target transformers.js@3`: every file also for Transformers.js 3.x (graphkit/runtimes.py)."""
+    out = tmp_path_factory.mktemp("conv3") / "epicrisis-tjs3"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--target", "transformers.js@3", "--output",
+                          str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 _CLIENT_MATRIX: list[tuple[str, str, str]] = []
 
 
