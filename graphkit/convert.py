@@ -322,7 +322,8 @@ def _check_runtimes(model: onnx.ModelProto, fname: str, dtype: str, target: str)
     e.g. an 8-bit --pipeline override with --target transformers.js@3. The folder's own config (kv_cache_dtype)
     is written after the files, so config-level checks belong to `graphkit inspect`."""
     from graphkit.runtimes import TARGET_RUNTIMES, check_model
-    problems = check_model(model, None, dtype, TARGET_RUNTIMES[target])  # graph only: no weight is read
+    # graph only, no weight is read; caveats that depend on the device (e.g. a WebGPU adapter) are inspect's
+    problems = check_model(model, None, dtype, TARGET_RUNTIMES[target], conditional=False)
     if problems:
         p = problems[0]
         raise GraphkitError(f"onnx/{fname} is made for --target {target} but {p['message']} Fix: {p['fix']}")

@@ -345,8 +345,9 @@ def runtime_findings(model: onnx.ModelProto, path: Path, config: dict | None) ->
     from graphkit.runtimes import check_model, folder_runtimes
     made_for = folder_runtimes(config)
     dtype = split_file_name(path.name)[1] if path.parent.name == "onnx" else None
-    return [dict(finding("error" if p["runtime"] in made_for else "warning", p["code"], p["message"], p["fix"]),
-                 runtime=p["runtime"], effect=p["effect"]) for p in check_model(model, config, dtype)]
+    return [dict(finding("error" if p["runtime"] in made_for and not p["condition"] else "warning", p["code"],
+                         p["message"], p["fix"]), runtime=p["runtime"], effect=p["effect"])
+            for p in check_model(model, config, dtype)]
 
 
 def runtime_summary(findings: list[dict], config: dict | None) -> list[dict[str, Any]]:

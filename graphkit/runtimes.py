@@ -3,8 +3,10 @@
 Transformers.js bundles its own onnxruntime builds, so "works in Transformers.js" depends on the version a user
 pins (many apps still pin 3.x). ``RUNTIMES`` names each runtime we test and what it bundles; ``KNOWN`` lists the
 graph forms one of them refuses to load or runs wrongly, each with the option that fixes it. Every entry was
-**observed** in the real runtime (``observed_by`` names the test that reproduces it; tests/test_runtimes.py holds
-each entry to its failure): an entry nobody has seen fail does not belong here.
+**observed** in the real runtime (``observed_by`` names the test that reproduces it: tests/test_runtimes.py runs
+each unconditional entry's form in the real client and fails if the runtime stops failing); an entry nobody has
+seen fail does not belong here. A ``condition`` marks a problem that appears only on some devices (e.g. a WebGPU
+adapter): a caveat inspect reports as a warning and convert does not refuse.
 
 Readers: ``graphkit inspect`` reports the problems per runtime (:func:`check_model`), ``graphkit convert --target``
 chooses forms that avoid them for the runtimes it targets (``TARGET_RUNTIMES``) and refuses to write a file that
@@ -69,6 +71,8 @@ class Problem:
     fix: str                      # the option that avoids the form
     observed_by: str              # the test that reproduces it
     detect: Callable[["_Facts"], list[str]]  # → the offending nodes / inputs / outputs (empty: not present)
+    condition: str = ""           # only under this run-time condition (device, adapter, prompt): a caveat that
+                                  # convert does not refuse and inspect reports as a warning
 
 
 class _Facts:
@@ -120,6 +124,10 @@ def _gqa_over_9_inputs(f: _Facts) -> list[str]:
             if used > 9:
                 out.append(f"{n.name or n.output[0]} ({used} inputs)")
     return out
+
+
+def _gqa_any(f: _Facts) -> list[str]:
+    return [n.name or n.output[0] for n in f.nodes if n.op_type == "GroupQueryAttention"]
 
 
 def _num_logits_to_keep(f: _Facts) -> list[str]:
@@ -181,36 +189,48 @@ KNOWN: tuple[Problem, ...] = (
             'add "kv_cache_dtype": {"<dtype>": "float16"} to transformers.js_config (`graphkit convert` writes it)',
             "tests/test_runtimes.py::test_known_problems_observed[kv-cache-dtype]", _fp16_kv_without_config),
 )
+KNOWN += (
+    Problem("webgpu-gqa-subgroup", "transformers.js@4", ("webgpu",), "wrong output",
+            "GroupQueryAttention (--fuse) prefilling 32+ tokens on a WebGPU adapter with subgroup size below 8",
+            "onnxruntime-web 1.31-dev's flash-attention prefill shader steps by min(subgroup size, 16) keys but "
+            "computes 8: on SwiftShader (Chrome's software adapter, subgroup size 4) every query row after the 4th "
+            "attends to stale keys; real GPUs report 8-128",
+            "convert without --fuse for such adapters, or check on a hardware GPU",
+            "tests/test_gqa_runtimes.py::test_gqa_node_matches_reference", _gqa_any,
+            condition="WebGPU adapter subgroup size < 8 and a prompt of 32+ tokens"),
+)
 PROBLEMS: dict[str, Problem] = {p.code: p for p in KNOWN}
 
 
 def check_model(model: onnx.ModelProto, config: dict | None = None, dtype: str | None = None,
-                runtimes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Every known problem ``model`` has, as ``{code, runtime, runtime_label, effect, backends, message, fix,
-    where}`` dicts (JSON-ready). ``config``/``dtype``: the folder's config.json and the file's Transformers.js
-    dtype, for the checks that need them. ``runtimes``: only these (default: all)."""
+                runtimes: tuple[str, ...] | None = None, conditional: bool = True) -> list[dict[str, Any]]:
+    """Every known problem ``model`` has, as ``{code, runtime, runtime_label, effect, backends, condition,
+    message, fix, where}`` dicts (JSON-ready). ``config``/``dtype``: the folder's config.json and the file's
+    Transformers.js dtype, for the checks that need them. ``runtimes``: only these (default: all).
+    ``conditional=False`` leaves out the problems that appear only under a run-time condition."""
     facts = _Facts(model, config, dtype)
     found = []
     for p in KNOWN:
-        if runtimes is not None and p.runtime not in runtimes:
+        if (runtimes is not None and p.runtime not in runtimes) or (p.condition and not conditional):
             continue
         where = p.detect(facts)
         if not where:
             continue
         rt = RUNTIMES[p.runtime]
         shown = ", ".join(where[:3]) + (f" (+{len(where) - 3} more)" if len(where) > 3 else "")
+        cond = f", when {p.condition}" if p.condition else ""
         found.append({"code": p.code, "runtime": p.runtime, "runtime_label": rt.describe(), "effect": p.effect,
-                      "backends": list(p.backends), "where": where,
-                      "message": f"{rt.label} {p.effect} ({'/'.join(p.backends)}): {p.form}: {shown}. Observed: "
-                                 f"{p.observed}",
+                      "backends": list(p.backends), "condition": p.condition, "where": where,
+                      "message": f"{rt.label} {p.effect} ({'/'.join(p.backends)}{cond}): {p.form}: {shown}. "
+                                 f"Observed: {p.observed}",
                       "fix": p.fix})
     return found
 
 
 def check_file(path, config: dict | None = None, dtype: str | None = None,
-               runtimes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+               runtimes: tuple[str, ...] | None = None, conditional: bool = True) -> list[dict[str, Any]]:
     """:func:`check_model` on a file (graph only, weights not read)."""
-    return check_model(onnx.load(str(path), load_external_data=False), config, dtype, runtimes)
+    return check_model(onnx.load(str(path), load_external_data=False), config, dtype, runtimes, conditional)
 
 
 def folder_runtimes(config: dict | None) -> tuple[str, ...]:

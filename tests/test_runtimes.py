@@ -89,7 +89,7 @@ def case(converted, converted_tjs3, fused, golden, tmp_path_factory):
     probes = {"matmulnbits-bits": ("default", "q4"), "matmulnbits-f16-level4": ("default", "q4f16"),
               "gqa-inputs": ("fuse", "fp32"), "num-logits-to-keep": ("probe-nltk", "fp32"),
               "fp16-logits": ("probe-f16logits", "fp16"), "kv-cache-dtype": ("probe-nokv", "fp16")}
-    assert set(probes) == set(runtimes.PROBLEMS), "every KNOWN entry needs a probe here"
+    assert set(probes) == {p.code for p in runtimes.KNOWN if not p.condition}, "every KNOWN entry needs a probe here"
     extra = [(k, d) for k, d in probes.values() if k.startswith("probe-")]
     jobs = {  # 4.3.1 runs the default and --fuse folders in tests/test_tjs.py
         "3.8.1": [(k, d) for k in ("tjs3", "default", "fuse") for d in DTYPES] + extra,
@@ -162,8 +162,19 @@ def test_runtime_versions_are_the_ones_recorded(case):
 
 # ------------------------------------------------------------------------------- each entry, observed
 
+def test_every_entry_names_the_test_that_observes_it():
+    """Conditional entries (a device condition this machine may not have) are held by the test they name; the
+    others by test_known_problems_observed below."""
+    for p in runtimes.KNOWN:
+        path, name = p.observed_by.split("::")
+        assert f"def {name.split('[')[0]}(" in (ROOT / path).read_text(), p.observed_by
+        assert p.runtime in runtimes.RUNTIMES and p.effect in ("does not load", "wrong output") and p.fix
+        if not p.condition:
+            assert p.observed_by == f"tests/test_runtimes.py::test_known_problems_observed[{p.code}]"
+
+
 @pytest.mark.js
-@pytest.mark.parametrize("code", list(runtimes.PROBLEMS))
+@pytest.mark.parametrize("code", [p.code for p in runtimes.KNOWN if not p.condition])
 def test_known_problems_observed(case, code):
     """graphkit.runtimes.KNOWN[code]: inspect's detector finds the form in the probe file, the runtime fails on it
     as the entry says, and the pinned 4.x runs the same file right."""
@@ -215,11 +226,18 @@ def _nbits_model(bits=4, level=4, f16=False, gqa_inputs=0, logits_f16=False, nlt
     (dict(logits_f16=True, level=0), "fp16-logits"),
 ])
 def test_detectors_hit_the_form_and_not_its_fix(kwargs, code):
-    assert [p["code"] for p in runtimes.check_model(_nbits_model(**kwargs))] == [code]
+    assert [p["code"] for p in runtimes.check_model(_nbits_model(**kwargs), conditional=False)] == [code]
     fixed = {"matmulnbits-bits": dict(bits=4), "matmulnbits-f16-level4": dict(f16=True, level=0),
              "gqa-inputs": dict(gqa_inputs=9), "num-logits-to-keep": {}, "fp16-logits": dict(level=0)}[code]
-    assert runtimes.check_model(_nbits_model(**fixed)) == []
-    assert runtimes.check_model(_nbits_model(**kwargs), runtimes=("transformers.js@4",)) == []
+    assert runtimes.check_model(_nbits_model(**fixed), conditional=False) == []
+    assert runtimes.check_model(_nbits_model(**kwargs), runtimes=("transformers.js@4",), conditional=False) == []
+
+
+def test_conditional_caveat_is_reported_not_refused():
+    """Any GroupQueryAttention carries the WebGPU subgroup caveat for 4.x: reported, with its condition."""
+    found = runtimes.check_model(_nbits_model(gqa_inputs=9))
+    assert [(p["code"], p["runtime"]) for p in found] == [("webgpu-gqa-subgroup", "transformers.js@4")]
+    assert "subgroup size < 8" in found[0]["message"] and "--fuse" in found[0]["fix"]
 
 
 def test_kv_cache_dtype_needs_the_folder_config():
@@ -284,3 +302,14 @@ def test_convert_target3_refuses_fuse(tmp_path):
     assert res.returncode == 2 and "min=7, max=9" in res.stderr and "drop --fuse" in res.stderr
     assert len(res.stderr.strip().splitlines()) <= 3 and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_verify_browser_names_known_problems(converted):
+    """verify --browser appends the list's entry to a failing row, for the Transformers.js version that ran it."""
+    from graphkit.tjs import known_problem_note
+    folder = converted[0]
+    note = known_problem_note(folder, "q4", "3.8.1", "wasm")
+    assert "known (matmulnbits-bits)" in note and "Fix: `convert --target transformers.js@3`" in note
+    assert known_problem_note(folder, "q4", "4.3.1", "wasm") == ""
+    assert known_problem_note(folder, "q4f16", "3.8.1", "wasm") == ""  # observed in onnxruntime-node only
+    assert "matmulnbits-f16-level4" in known_problem_note(folder, "q4f16", "3.8.1", "cpu")
