@@ -216,8 +216,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
     from graphkit.pipeline import parse_spec, run_passes
-
     from graphkit.runtimes import DEFAULT_TARGET, TARGET_RUNTIMES
+
     step = progress or (lambda msg: None)
     dtypes = dtypes or DEFAULT_DTYPES
     target = target or DEFAULT_TARGET
