@@ -38,6 +38,8 @@ def export(
     """Merge the adapter and export the decoder with KV cache to ONNX."""
     from graphkit.console import emit_json, err
     try:
+        from graphkit.extras import require_export
+        require_export("export")
         from graphkit.export import export_model
         summary = export_model(model_dir, output, adapter, exporter=exporter, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, stream=not no_stream,
@@ -138,6 +140,8 @@ def convert(
     try:
         from graphkit.convert import convert as run_convert, parse_dtypes, parse_pipeline_overrides, render
         from graphkit.runtimes import parse_target
+        from graphkit.extras import require_export
+        require_export("convert")
         if model_dir is None:
             from graphkit.examples import example_dir
             model_dir = example_dir() / "base"
@@ -178,6 +182,8 @@ def verify(
     from graphkit.console import emit_json, err
     try:
         from graphkit.verify import render, verify_folder
+        from graphkit.extras import require_export
+        require_export("verify", ("transformers", "torch") if reference else ("transformers",))
         dtype_list = [d.strip() for d in dtypes.split(",")] if dtypes else None
         result = verify_folder(folder, reference, adapter, prompts, new_tokens, dtype_list,
                                progress=lambda m: err.print(f"• {m}", markup=False))
@@ -258,6 +264,36 @@ def bench_cmd(
     emit_json(report) if json_out else render_bench(report, out)
 
 
+
+@app.command("serve")
+def serve_cmd(
+    folder: Path = typer.Argument(..., help="A Transformers.js model folder (from `graphkit convert`)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default keeps the page on this machine."),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Offer only these dtypes (comma-separated); each must have its file."),
+    node_modules: Optional[Path] = typer.Option(None, "--node-modules", help="node_modules holding @huggingface/transformers (default: the checkout's tests/js/node_modules)."),
+) -> None:
+    """Serve a page to try the folder in the browser: dtype and device, chat, streamed tokens, speed, two dtypes side by side."""
+    from graphkit.console import err
+    try:
+        from graphkit.serve import make_server, url_of
+        dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()] if dtypes else None
+        server = make_server(folder, host=host, port=port, dtypes=dtype_list, node_modules=node_modules)
+    except GraphkitError as exc:
+        _fail(exc)
+    info = server.info  # type: ignore[attr-defined]
+    err.print(f"serving {folder} ({', '.join(d['dtype'] for d in info['dtypes'])}) with Transformers.js "
+              f"{info['transformers_version']}; Ctrl-C stops", markup=False, soft_wrap=True)
+    sys.stdout.write(url_of(server) + "\n")  # the one line on stdout: scripts read the URL (with --port 0)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main() -> None:
     try:
         app()
@@ -267,3 +303,11 @@ def main() -> None:
     except GraphkitError as exc:  # raised outside a command body
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # a command that needs the [export] extra, installed without it
+        from graphkit.extras import missing_extra_message
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        msg = missing_extra_message(exc, command)
+        if msg is None:
+            raise
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(2)

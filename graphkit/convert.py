@@ -32,7 +32,8 @@ from pathlib import Path
 import onnx
 
 from graphkit.errors import GraphkitError
-from graphkit.verify import DTYPE_FILES
+from graphkit.tjs_contract import (DTYPE_FILES, FP16_KV_DTYPES, KV_CACHE_DTYPE, ONNX_DIR, TJS_CONFIG,
+                                   USE_EXTERNAL_DATA)
 
 # dtype → the pass spec that makes it from the fp32 export (empty: the export itself).
 PIPELINES: dict[str, str] = {
@@ -63,7 +64,6 @@ TARGET_PIPELINES: dict[str, dict[str, str]] = {
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
-FP16_KV_DTYPES = {"fp16", "q4f16"}
 
 
 @dataclass
@@ -133,14 +133,18 @@ def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], externa
     config = read_json(model_dir / "config.json", "a model folder needs config.json")
     if "head_dim" not in config and config.get("hidden_size") and config.get("num_attention_heads"):
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]  # Transformers.js 3.x qwen3 reads it
-    tjs = dict(config.get("transformers.js_config", {}))
+    tjs = dict(config.get(TJS_CONFIG, {}))
+    # these two describe the files written here, never the source's (converting a Transformers.js folder)
+    tjs.pop(KV_CACHE_DTYPE, None)
+    tjs.pop(USE_EXTERNAL_DATA, None)
+    config.pop(TJS_CONFIG, None)
     fp16_kv = {d: "float16" for d in dtypes_written if d in FP16_KV_DTYPES}
     if fp16_kv:
-        tjs["kv_cache_dtype"] = fp16_kv  # read by Transformers.js 3.x–4.1; 4.2+ reads the graph
+        tjs[KV_CACHE_DTYPE] = fp16_kv  # read by Transformers.js 3.x–4.1; 4.2+ reads the graph
     if external:
-        tjs["use_external_data_format"] = external
+        tjs[USE_EXTERNAL_DATA] = external
     if tjs:
-        config["transformers.js_config"] = tjs
+        config[TJS_CONFIG] = tjs
     if target:
         from graphkit.runtimes import config_record
         config["graphkit"] = config_record(target)
@@ -230,6 +234,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                             "transformers.js@4")
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
+    from graphkit.onnx_source import find_onnx_source
+    source = find_onnx_source(model_dir)  # an ONNX export instead of PyTorch weights: no export, no torch
+    if source is not None and adapter_dir:
+        raise GraphkitError(f"{model_dir}: an ONNX export cannot take --adapter (merge it before exporting, or convert "
+                            "the Hugging Face folder with --adapter)")
     _check_free_space(model_dir, output, dtypes)
     chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
     t_start = time.perf_counter()
@@ -237,13 +246,18 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     external: dict[str, int] = {}
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        onnx_dir = tmp / "onnx"
+        onnx_dir = tmp / ONNX_DIR
         onnx_dir.mkdir()
         scratch = tmp / ".export" / "model.onnx"
-        step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
         t0 = time.perf_counter()
         reset_peak()
-        _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
+        if source is not None:
+            from graphkit.onnx_source import prepare_onnx_source
+            step(f"export: none — starting from the ONNX export {source}")
+            prepare_onnx_source(model_dir, source, scratch, lambda m: step("   " + m))
+        else:
+            step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
+            _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
         export_s = time.perf_counter() - t0
         export_peak = peak_rss()
         release_free_memory()
@@ -305,14 +319,18 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external, target)
+        if written:  # the app snippet: how to load this folder with Transformers.js (graphkit/usage.py)
+            from graphkit.usage import write_usage
+            write_usage(tmp, written, output)
         if check_agreement and "fp32" in written and len(written) > 1:
             step("agreement with fp32 on the default prompts")
-            _agreement(tmp, results, output)
+            _agreement(tmp, results, output, torch_free=source is not None)
         _swap_into_place(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
+            "onnx_source": str(source) if source is not None else None,
             "exporter": exporter, "fused": fuse, "target": target, "total_s": round(time.perf_counter() - t_start, 2),
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
 
@@ -373,10 +391,11 @@ def _export(model_dir: Path, scratch: Path, adapter_dir: Path | None, exporter: 
 AGREEMENT_MAX_FP16_BYTES = 1 << 30
 
 
-def _agreement(folder: Path, results: list[DtypeResult], output: Path) -> None:
-    from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts
+def _agreement(folder: Path, results: list[DtypeResult], output: Path, torch_free: bool = False) -> None:
+    from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts, encode_prompts_tokenizers
     from graphkit.verify import OnnxReference, check_variant, reference_runs
-    prompts = encode_prompts(folder, DEFAULT_PROMPTS[:2])
+    # from an ONNX export nothing may import torch (transformers' AutoTokenizer does): tokenizers + jinja2
+    prompts = (encode_prompts_tokenizers if torch_free else encode_prompts)(folder, DEFAULT_PROMPTS[:2])
     runs = reference_runs(OnnxReference(folder / "onnx" / "model.onnx"), prompts, 16)
     for r in results:
         if r.ok and r.dtype == "fp16" and r.bytes > AGREEMENT_MAX_FP16_BYTES:
@@ -393,14 +412,16 @@ def render(summary: dict) -> None:
 
     from graphkit.console import fmt_bytes, out
     table = Table(title=f"graphkit convert → {summary['output']} ({summary['total_s']} s)")
-    for col in ("dtype", "file", "size", "time s", "peak RSS", "top-1", "KL", "status"):
+    # the figures that matter first: below 80 columns the console splits the table after them (console.fit_table)
+    for col in ("dtype", "size", "top-1", "KL", "status", "file", "time s", "peak RSS"):
         table.add_column(col, no_wrap=True)
     for d in summary["dtypes"]:
-        table.add_row(d["dtype"], d["file"].removeprefix("onnx/"), fmt_bytes(d["bytes"]) if d["ok"] else "-", str(d["seconds"]),
-                      fmt_bytes(d["peak_rss"]) if d.get("peak_rss") else "-",
+        table.add_row(d["dtype"], fmt_bytes(d["bytes"]) if d["ok"] else "-",
                       "-" if d["top1_vs_fp32"] is None else f"{d['top1_vs_fp32']:.3f}",
                       "-" if d["kl_vs_fp32"] is None else f"{d['kl_vs_fp32']:.5f}",
-                      "[green]ok[/]" if d["ok"] else "[red]FAILED[/]")
+                      "[green]ok[/]" if d["ok"] else "[red]FAILED[/]",
+                      d["file"].removeprefix("onnx/"), str(d["seconds"]),
+                      fmt_bytes(d["peak_rss"]) if d.get("peak_rss") else "-")
     out.print(table)
     out.print("top-1 agreement and KL: teacher-forced against the fp32 model on the default prompts; "
               "peak RSS: the process's highest resident memory during that step (fp32: the export)", markup=False)
@@ -411,3 +432,9 @@ def render(summary: dict) -> None:
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
+    usage = Path(summary["output"]) / "USAGE.md"
+    if usage.is_file():  # the few lines that load the folder in an app (also written there)
+        from graphkit.usage import extract_snippet
+        out.print(f"\nload it in your app with Transformers.js ({usage}; try it first: graphkit serve {summary['output']}):\n",
+                  markup=False, soft_wrap=True)
+        out.print(extract_snippet(usage.read_text(encoding="utf-8")), markup=False, soft_wrap=True, highlight=False)

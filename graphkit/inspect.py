@@ -19,19 +19,12 @@ from onnx import TensorProto
 from rich.markup import escape
 
 from graphkit.modelio import iter_tensors, load_model
+from graphkit.tjs_contract import (CHUNK_LIMIT, DTYPE_SUFFIX, KNOWN_INPUTS, KV_CACHE_DTYPE, PAST_RE, PRESENT_RE,
+                                   TJS_CONFIG, USE_EXTERNAL_DATA, external_data_pattern, split_file_name)
 
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
-KNOWN_INPUTS = {"input_ids", "attention_mask", "position_ids", "num_logits_to_keep", "use_cache_branch"}
 KV_HINT = re.compile(r"past|present|cache|key|value|kv", re.I)
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-# Transformers.js file suffix → dtype (src/utils/dtypes.js DEFAULT_DTYPE_SUFFIX_MAPPING)
-SUFFIX_DTYPE = {"": "fp32", "_fp16": "fp16", "_quantized": "q8", "_int8": "int8", "_uint8": "uint8",
-                "_q4": "q4", "_q4f16": "q4f16", "_bnb4": "bnb4", "_q2": "q2", "_q2f16": "q2f16",
-                "_q1": "q1", "_q1f16": "q1f16"}
-DTYPE_SUFFIX = {v: k for k, v in SUFFIX_DTYPE.items()}
 RESAVE_FIX = "re-save with `graphkit apply` (any pass) or `graphkit convert`"
-CHUNK_LIMIT = 2_000_000_000
 QUANT_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}
 
 
@@ -334,6 +327,8 @@ def inspect_model(path: str | Path, config: dict | None = None) -> dict[str, Any
     }
     report["detected_dtype"] = detected_dtype(report)
     report["findings"] = model_findings(report, path, config)
+    from graphkit.diagnose import model_diagnoses  # known causes of garbage (own module: no PyTorch either)
+    report["findings"] += model_diagnoses(model, path, report, config)
     report["findings"] += runtime_findings(model, path, config)
     report["runtimes"] = runtime_summary(report["findings"], config)
     return report
@@ -440,7 +435,7 @@ def _dim_findings(ins: dict[str, dict], outs: dict[str, dict]) -> list[dict[str,
 def _external_findings(report: dict, path: Path) -> list[dict[str, str]]:
     f = []
     names = [e["name"] for e in report["external_data"]]
-    pat = re.compile(rf"^{re.escape(path.name)}_data(?:_(\d+))?$")
+    pat = external_data_pattern(path.name)
     bad = [n for n in names if not pat.match(n)]
     idx = sorted(int(m.group(1) or 0) for n in names if (m := pat.match(n)))
     if bad or (idx and idx != list(range(len(idx)))) or (idx and 1 in idx and 0 not in idx):
@@ -456,15 +451,6 @@ def _external_findings(report: dict, path: Path) -> list[dict[str, str]]:
         f.append(finding("error", "external-data-missing", f"external data file(s) missing: {_short(missing)}",
                          RESAVE_FIX))
     return f
-
-
-def split_file_name(name: str) -> tuple[str, str | None]:
-    """'model_q4f16.onnx' → ('model', 'q4f16'); unknown suffixes give dtype 'fp32' with the whole stem."""
-    stem = name[:-5] if name.endswith(".onnx") else name
-    for suffix in sorted((s for s in SUFFIX_DTYPE if s), key=len, reverse=True):
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)], SUFFIX_DTYPE[suffix]
-    return stem, "fp32"
 
 
 def _human(dtype: str | None) -> str:
@@ -552,6 +538,14 @@ FOLDER_FILES = {"config.json": True, "tokenizer.json": True, "tokenizer_config.j
                 "generation_config.json": False, "chat_template.jinja": False}
 
 
+def _has_chat_tokens(folder: Path) -> bool:
+    try:
+        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "<|im_start|>" in text or "<|start_header_id|>" in text
+
+
 def _read_json(path: Path, findings: list) -> dict | None:
     if not path.is_file():
         return None
@@ -564,7 +558,7 @@ def _read_json(path: Path, findings: list) -> dict | None:
 
 
 def _external_chunks_declared(tjs: dict, file_name: str) -> Any:
-    value = tjs.get("use_external_data_format")
+    value = tjs.get(USE_EXTERNAL_DATA)
     if isinstance(value, dict):
         return value.get(file_name, value.get(split_file_name(file_name)[0]))
     return value
@@ -587,16 +581,24 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
                                     "Transformers.js tokenizer reads it only from tokenizer_config.json",
                                     "`graphkit convert` (embeds it in tokenizer_config.json)"))
         else:
-            findings.append(finding("warning", "chat-template", "no chat_template: apply_chat_template will fail",
-                                    "add chat_template to tokenizer_config.json"))
+            chat = _has_chat_tokens(folder)  # a chat model without its template: prompts are built differently
+            findings.append(finding("error" if chat else "warning", "chat-template",
+                                    "no chat_template in tokenizer_config.json: apply_chat_template fails in "
+                                    "Transformers.js" + (" (the tokenizer has chat tokens such as <|im_start|>)"
+                                                         if chat else ""),
+                                    "add the model's chat_template to tokenizer_config.json"))
+    from graphkit.diagnose import folder_diagnoses
+    findings += folder_diagnoses(folder, config, tok_cfg)
     models = sorted((folder / "onnx").glob("*.onnx")) if (folder / "onnx").is_dir() else []
     if not models:
         loose = sorted(p.name for p in folder.glob("*.onnx"))
         findings.append(finding("error", "no-model", "no onnx/*.onnx" + (f" ({_short(loose)} must move into onnx/)"
                                                                           if loose else ""),
+                                f"`graphkit convert {folder} -o OUT` (starts from this export)" if loose else
                                 "put the model at onnx/model{suffix}.onnx (`graphkit convert` does)"))
+        models = sorted(folder.glob("*.onnx"))  # an optimum export: still diagnose what is there
     reports = [inspect_model(p, config) for p in models]
-    tjs = (config or {}).get("transformers.js_config") or {}
+    tjs = (config or {}).get(TJS_CONFIG) or {}
     for r in reports:
         name, chunks = Path(r["path"]).name, len(r["external_data"])
         declared = _external_chunks_declared(tjs, name)
@@ -608,11 +610,14 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
                                     f'set "use_external_data_format": {{"{name}": {chunks}}} (`graphkit convert` '
                                     "writes it)"))
     every = findings + [x for r in reports for x in r["findings"]]
-    return {"kind": "folder", "path": str(folder), "files": files,
+    result = {"kind": "folder", "path": str(folder), "files": files,
             "dtypes": {split_file_name(n)[1]: n for n in (Path(r["path"]).name for r in reports)
                        if split_file_name(n)[0] == "model"},
             "findings": findings, "models": reports,
             "errors": sum(x["level"] == "error" for x in every), "warnings": sum(x["level"] == "warning" for x in every)}
+    from graphkit.diagnose import verdict
+    result["verdict"] = verdict(result)
+    return result
 
 
 def inspect_path(path: str | Path) -> dict[str, Any]:
@@ -621,11 +626,16 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         return inspect_folder(path)
     config = None
-    if path.parent.name == "onnx" and (path.parent.parent / "config.json").is_file():
-        config = _read_json(path.parent.parent / "config.json", [])
+    for cfg in ((path.parent.parent / "config.json") if path.parent.name == "onnx" else None,
+                path.parent / "config.json"):  # a Transformers.js folder's onnx/, or an optimum export beside it
+        if cfg is not None and cfg.is_file():
+            config = _read_json(cfg, [])
+            break
     report = inspect_model(path, config)
     report["errors"] = sum(x["level"] == "error" for x in report["findings"])
     report["warnings"] = sum(x["level"] == "warning" for x in report["findings"])
+    from graphkit.diagnose import verdict
+    report["verdict"] = verdict(report)
     return report
 
 
@@ -741,6 +751,9 @@ def render_runtimes(rows: list[dict], console) -> None:
 
 
 def render_inspect(report: dict, console) -> None:
+    from graphkit.diagnose import render_verdict
+    render_verdict(report, console)  # the answer first; the tables after it
+    console.print()
     if report["kind"] == "model":
         render_model(report, console)
     else:

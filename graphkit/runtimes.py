@@ -24,6 +24,8 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from graphkit.tjs_contract import KV_CACHE_DTYPE, PAST_PREFIX, TJS_CONFIG
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -141,10 +143,10 @@ def _fp16_logits(f: _Facts) -> list[str]:
 def _fp16_kv_without_config(f: _Facts) -> list[str]:
     if f.config is None or f.dtype is None:
         return []  # a file outside a folder: the config that would fix it is not there to check
-    kv = [i for i in f.inputs if i.startswith("past_key_values.") and f.types.get(i) == TensorProto.FLOAT16]
+    kv = [i for i in f.inputs if i.startswith(PAST_PREFIX) and f.types.get(i) == TensorProto.FLOAT16]
     if not kv:
         return []
-    want = (f.config.get("transformers.js_config") or {}).get("kv_cache_dtype")
+    want = (f.config.get(TJS_CONFIG) or {}).get(KV_CACHE_DTYPE)
     want = want.get(f.dtype) if isinstance(want, dict) else want
     return [] if want == "float16" else [f"{kv[0]} (+{len(kv) - 1} more)" if len(kv) > 1 else kv[0]]
 

@@ -20,11 +20,8 @@ import numpy as np
 
 from graphkit.errors import GraphkitError
 from graphkit.ortrun import DecoderRunner, kl_divergence
+from graphkit.tjs_contract import DTYPE_FILES
 
-DTYPE_FILES = {
-    "fp32": "model.onnx", "fp16": "model_fp16.onnx", "q8": "model_quantized.onnx", "int8": "model_int8.onnx",
-    "uint8": "model_uint8.onnx", "q4": "model_q4.onnx", "q4f16": "model_q4f16.onnx", "bnb4": "model_bnb4.onnx",
-}
 # Minimum teacher-forced top-1 agreement with the reference, per dtype. Measured margins are in the
 # README; these are what a variant must reach to ship.
 THRESHOLDS = {"fp32": 0.99, "fp16": 0.95, "q8": 0.90, "int8": 0.90, "uint8": 0.90, "q4": 0.85, "q4f16": 0.85, "bnb4": 0.85}
@@ -83,6 +80,8 @@ class TorchReference:
 
 def variants_in(folder: Path) -> list[tuple[str, Path]]:
     onnx_dir = folder / "onnx"
+    if not onnx_dir.is_dir() and any((folder / f).exists() for f in DTYPE_FILES.values()):
+        onnx_dir = folder  # an optimum export: model.onnx / model_quantized.onnx beside config.json
     if not onnx_dir.is_dir():
         raise GraphkitError(f"{folder}: no onnx/ folder; give a Transformers.js model folder (see `graphkit convert`)")
     found = [(dt, onnx_dir / f) for dt, f in DTYPE_FILES.items() if (onnx_dir / f).exists()]
@@ -141,6 +140,8 @@ def verify_folder(folder: Path, reference_dir: Path | None = None, adapter_dir: 
         reference = TorchReference(Path(reference_dir), Path(adapter_dir) if adapter_dir else None)
     else:
         fp32 = folder / "onnx" / "model.onnx"
+        if not fp32.exists() and (folder / "model.onnx").exists():
+            fp32 = folder / "model.onnx"  # an optimum export
         if not fp32.exists():
             raise GraphkitError(f"{folder}: no onnx/model.onnx to use as reference; pass --reference MODEL_DIR")
         reference = OnnxReference(fp32)
