@@ -136,11 +136,13 @@ def convert(
     calibration: str = typer.Option("self", "--calibration", help="Calibration for the 4-bit dtypes (GPTQ, docs/quantization.md): a JSONL file (the fine-tuning data: {\"messages\": [...]}, {\"text\": ...} or {\"prompt\", \"completion\"} per line); \"self\" (default): sequences the fp32 model samples itself; \"none\": plain round-to-nearest."),
     calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples", min=1, help="How many calibration samples to use (default: 64 from a file, 32 self-generated)."),
     size_budget: str = typer.Option("1.0x", "--size-budget", help="Mixed precision for q4/q4f16: keep the MatMuls whose 4-bit error is largest (on the calibration statistics) at 8 bits (int8 MatMulInteger) until the file is this factor of its all-4-bit size, e.g. 1.15x (docs/quantization.md). Default 1.0x: all 4-bit."),
+    target: str = typer.Option("transformers.js@4", "--target", help="Runtimes the folder is made for: transformers.js@4 (default: the fastest forms, 4.x only) or transformers.js@3 (every file also loads and runs right in Transformers.js 3.x: q4 with an int8 MatMulInteger head, q4f16 at accuracy_level 0, no --fuse). Recorded in config.json (\"graphkit\"); docs/runtimes.md."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
     try:
         from graphkit.convert import convert as run_convert, parse_dtypes, parse_pipeline_overrides, render
+        from graphkit.runtimes import parse_target
         from graphkit.extras import require_export
         require_export("convert")
         if model_dir is None:
@@ -151,6 +153,7 @@ def convert(
         overrides = parse_pipeline_overrides(pipeline or [])
         from graphkit.mixed import parse_budget
         budget = parse_budget(size_budget)
+        target_key = parse_target(target)
         with err.status("converting") as status:
             def progress(msg: str) -> None:
                 err.print(f"• {msg}", soft_wrap=True, markup=False)
@@ -158,7 +161,8 @@ def convert(
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
                                   progress=progress, pipelines=overrides, calibration=calibration,
-                                  calibration_samples=calibration_samples, size_budget=budget)
+                                  calibration_samples=calibration_samples, size_budget=budget,
+                                  target=target_key)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

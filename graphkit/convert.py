@@ -54,6 +54,18 @@ CALIBRATION_SLOT = "{calibration}"  # replaced by the statistics file convert wr
 SELF_CALIBRATION_SAMPLES = 32       # sequences the fp32 model samples for itself when no data is given
 SELF_CALIBRATION_TOKENS = 96
 DATA_CALIBRATION_SAMPLES = 64       # --calibration data.jsonl: the first N samples
+# `--target transformers.js@3`: the dtypes whose default form a Transformers.js 3.x runtime refuses or runs wrongly
+# (graphkit/runtimes.py; docs/runtimes.md has the measurements), in forms 3.x and 4.x both run. q4: the shared table
+# in int8 read by MatMulInteger (onnxruntime 1.21 has no 8-bit MatMulNBits; KL as the 8-bit head's, a 4-bit head
+# costs 4x); q4f16: accuracy_level=0 (1.21's CPU kernel is wrong for float16 at level 4).
+TARGET_PIPELINES: dict[str, dict[str, str]] = {
+    "transformers.js@3": {
+        "q4": "matmul-int8(lm_head=only,quantize_embedding_gather=true),"
+              "matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4,method=gptq,calibration={calibration})",
+        "q4f16": "tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=0),"
+                 "matmul-nbits(bits=4,block_size=32,accuracy_level=0,method=gptq,calibration={calibration}),fp16",
+    },
+}
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
@@ -108,9 +120,11 @@ def parse_pipeline_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, str] | None = None) -> str:
-    """The pass spec for ``dtype``: ``overrides`` (``--pipeline``) or PIPELINES, after FUSE_PREFIX with --fuse."""
-    spec = (overrides or {}).get(dtype, PIPELINES[dtype])
+def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, str] | None = None,
+                  target: str | None = None) -> str:
+    """The pass spec for ``dtype``: ``overrides`` (``--pipeline``), else the target's form (TARGET_PIPELINES), else
+    PIPELINES; after FUSE_PREFIX with --fuse."""
+    spec = (overrides or {}).get(dtype, TARGET_PIPELINES.get(target or "", {}).get(dtype, PIPELINES[dtype]))
     if not fuse:
         return spec
     from graphkit.hfmodel import read_json
@@ -118,8 +132,10 @@ def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, 
     return ",".join(p for p in (FUSE_PREFIX.format(max_positions=positions), spec) if p)
 
 
-def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], external: dict[str, int]) -> None:
-    """config.json (+transformers.js_config), generation_config.json, tokenizer files."""
+def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], external: dict[str, int],
+                  target: str | None = None) -> None:
+    """config.json (+transformers.js_config, + "graphkit": the runtimes the folder was made for),
+    generation_config.json, tokenizer files."""
     from graphkit.hfmodel import read_json
     config = read_json(model_dir / "config.json", "a model folder needs config.json")
     if "head_dim" not in config and config.get("hidden_size") and config.get("num_attention_heads"):
@@ -136,6 +152,9 @@ def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], externa
         tjs[USE_EXTERNAL_DATA] = external
     if tjs:
         config[TJS_CONFIG] = tjs
+    if target:
+        from graphkit.runtimes import config_record
+        config["graphkit"] = config_record(target)
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     gen = model_dir / "generation_config.json"
@@ -220,14 +239,23 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
             progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
             calibration: str | Path | None = "self", calibration_samples: int | None = None,
-            size_budget: float = 1.0) -> dict:
+            size_budget: float = 1.0, target: str | None = None) -> dict:
     from graphkit import browser_limits, tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
     from graphkit.pipeline import parse_spec, run_passes
+    from graphkit.runtimes import DEFAULT_TARGET, TARGET_RUNTIMES
 
     step = progress or (lambda msg: None)
     dtypes = dtypes or DEFAULT_DTYPES
+    target = target or DEFAULT_TARGET
+    if target not in TARGET_RUNTIMES:
+        raise GraphkitError(f"unknown target {target!r}; choose from {', '.join(TARGET_RUNTIMES)}")
+    if fuse and target == "transformers.js@3":
+        raise GraphkitError("--fuse with --target transformers.js@3: onnxruntime-node 1.21 (Transformers.js 3.x) refuses "
+                            "GroupQueryAttention with an attention_bias input ('has input size 11 not in range [min=7, "
+                            "max=9]'), and the form it loads is wrong for left-padded batches; drop --fuse, or target "
+                            "transformers.js@4")
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
     from graphkit.onnx_source import find_onnx_source
@@ -266,7 +294,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
-        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines) for d in dtypes}
+        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines, target) for d in dtypes}
         if calibration == "none":
             raw_specs = {d: without_calibration(sp) for d, sp in raw_specs.items()}
         if any(CALIBRATION_SLOT in sp for sp in raw_specs.values()):
@@ -302,6 +330,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()),
                                                  keep_input=model is (previous[1] if previous else None))
                         reports += more
+                    _check_runtimes(model, fname, dtype, target)
                     force_external = True if max_chunk_bytes else None  # None: only above 2 GB
                     if not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
                         files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
@@ -336,7 +365,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
         shutil.rmtree(tmp / ".calib", ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
-        write_configs(model_dir, tmp, written, external)
+        write_configs(model_dir, tmp, written, external, target)
         if written:  # the app snippet: how to load this folder with Transformers.js (graphkit/usage.py)
             from graphkit.usage import write_usage
             write_usage(tmp, written, output)
@@ -349,7 +378,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
             "onnx_source": str(source) if source is not None else None,
-            "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
+            "exporter": exporter, "fused": fuse, "target": target, "total_s": round(time.perf_counter() - t_start, 2),
             "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "stats"},
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
 
@@ -409,6 +438,18 @@ def _table_bytes(model_path: Path, bits: int, block_size: int, symmetric: bool, 
             kb = -(-H // block_size)
             return V * kb * block_size * bits // 8 + V * kb * scale_bytes + (0 if symmetric else V * -(-kb * bits // 8))
     return 0
+
+
+def _check_runtimes(model: onnx.ModelProto, fname: str, dtype: str, target: str) -> None:
+    """Refuse a file that a runtime the folder is made for cannot load or runs wrongly (graphkit/runtimes.py),
+    e.g. an 8-bit --pipeline override with --target transformers.js@3. The folder's own config (kv_cache_dtype)
+    is written after the files, so config-level checks belong to `graphkit inspect`."""
+    from graphkit.runtimes import TARGET_RUNTIMES, check_model
+    # graph only, no weight is read; caveats that depend on the device (e.g. a WebGPU adapter) are inspect's
+    problems = check_model(model, None, dtype, TARGET_RUNTIMES[target], conditional=False)
+    if problems:
+        p = problems[0]
+        raise GraphkitError(f"onnx/{fname} is made for --target {target} but {p['message']} Fix: {p['fix']}")
 
 
 def _link_files(export: Path, dest: Path) -> list[Path]:

@@ -329,7 +329,29 @@ def inspect_model(path: str | Path, config: dict | None = None) -> dict[str, Any
     report["findings"] = model_findings(report, path, config)
     from graphkit.diagnose import model_diagnoses  # known causes of garbage (own module: no PyTorch either)
     report["findings"] += model_diagnoses(model, path, report, config)
+    report["findings"] += runtime_findings(model, path, config)
+    report["runtimes"] = runtime_summary(report["findings"], config)
     return report
+
+
+def runtime_findings(model: onnx.ModelProto, path: Path, config: dict | None) -> list[dict[str, str]]:
+    """What each Transformers.js runtime (graphkit/runtimes.py) will not load or will run wrongly in this file.
+    An error where the folder's config.json says it was made for that runtime, a warning otherwise."""
+    from graphkit.runtimes import check_model, folder_runtimes
+    made_for = folder_runtimes(config)
+    dtype = split_file_name(path.name)[1] if path.parent.name == "onnx" else None
+    return [dict(finding("error" if p["runtime"] in made_for and not p["condition"] else "warning", p["code"],
+                         p["message"], p["fix"]), runtime=p["runtime"], effect=p["effect"])
+            for p in check_model(model, config, dtype)]
+
+
+def runtime_summary(findings: list[dict], config: dict | None) -> list[dict[str, Any]]:
+    """Per runtime: the versions, whether the folder was made for it, and which problems this file has there."""
+    from graphkit.runtimes import RUNTIMES, folder_runtimes
+    made_for = folder_runtimes(config)
+    return [{"runtime": k, "versions": rt.describe(), "made_for": k in made_for,
+             "problems": [{"code": f["code"], "effect": f["effect"]} for f in findings if f.get("runtime") == k]}
+            for k, rt in RUNTIMES.items()]
 
 
 # ------------------------------------------------------------------- Transformers.js compatibility
@@ -373,10 +395,6 @@ def _io_findings(ins: dict[str, dict], outs: dict[str, dict]) -> list[dict[str, 
             if "logits_to_keep" in other else ""
         f.append(finding("error", "unknown-input", f"Transformers.js never feeds input(s) {_short(other)}{why}: "
                          "'Missing the following inputs'", "re-export without them (kv-rename for misnamed ones)"))
-    if "num_logits_to_keep" in ins:
-        f.append(finding("warning", "num-logits-to-keep", "input num_logits_to_keep: Transformers.js 3.x does not feed "
-                         "it and fails with 'Missing the following inputs: num_logits_to_keep' (4.x is fine)",
-                         "re-export without it (`graphkit export` never adds it)"))
     past = {(int(m.group(1)), m.group(2)) for n in ins if (m := PAST_RE.match(n))}
     present = {(int(m.group(1)), m.group(2)) for n in outs if (m := PRESENT_RE.match(n))}
     unpaired = sorted({i for i, _ in past if {(i, "key"), (i, "value")} - past})
@@ -411,9 +429,6 @@ def _dim_findings(ins: dict[str, dict], outs: dict[str, dict]) -> list[dict[str,
     if unnamed:
         f.append(finding("warning", "unnamed-dim", f"unnamed dynamic dims (ORT metadata for them is unverified): "
                          f"{_short(unnamed)}", "kv-rename"))
-    if outs.get("logits", {}).get("dtype") == "float16":
-        f.append(finding("warning", "fp16-logits", "logits are float16: Transformers.js 3.x does not cast them to "
-                         "float32 (4.x does)", "fp16(keep_logits_fp32=true)"))
     return f
 
 
@@ -594,15 +609,6 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
                                     + ("is not set" if declared is None else f"gives {declared!r}"),
                                     f'set "use_external_data_format": {{"{name}": {chunks}}} (`graphkit convert` '
                                     "writes it)"))
-        kv = _kv_dtype({e["name"]: e for e in r["inputs"]})
-        dtype = split_file_name(name)[1]
-        want = tjs.get(KV_CACHE_DTYPE)
-        want = want.get(dtype) if isinstance(want, dict) else want
-        if kv == "float16" and want != "float16":
-            findings.append(finding("warning", "kv-cache-dtype", f"{name} has float16 KV but transformers.js_config "
-                                    "has no kv_cache_dtype for it: Transformers.js 3.x–4.1 feeds a float32 empty past "
-                                    "and fails (4.2+ is fine)",
-                                    f'add "kv_cache_dtype": {{"{dtype}": "float16"}} (`graphkit convert` writes it)'))
     every = findings + [x for r in reports for x in r["findings"]]
     result = {"kind": "folder", "path": str(folder), "files": files,
             "dtypes": {split_file_name(n)[1]: n for n in (Path(r["path"]).name for r in reports)
@@ -729,6 +735,19 @@ def render_model(r: dict, console) -> None:
         console.print(ext)
     _render_quant(r["quantization"], console)
     render_findings(r["findings"], console, f"Transformers.js compatibility ({Path(r['path']).name})")
+    render_runtimes(r.get("runtimes") or [], console)
+
+
+def render_runtimes(rows: list[dict], console) -> None:
+    """One line per Transformers.js runtime: loads and runs right, or what goes wrong there (codes above)."""
+    for row in rows:
+        made = " [dim](made for it)[/]" if row["made_for"] else ""
+        if not row["problems"]:
+            console.print(f"  [green]✓[/] {escape(row['versions'])}{made}: no known problem")
+        else:
+            probs = ", ".join(f"{p['code']} ({p['effect']})" for p in row["problems"])
+            console.print(f"  [{'red' if row['made_for'] else 'yellow'}]✗[/] {escape(row['versions'])}{made}: "
+                          f"{escape(probs)}")
 
 
 def render_inspect(report: dict, console) -> None:

@@ -50,11 +50,45 @@ def run_client(folder: Path, dtype: str | list[str], messages: list, new_tokens:
     return _run_harness(cmd, Path(prompts), timeout_s, f"Transformers.js ({client}, {dtype})")
 
 
-def _run_harness(cmd: list[str], input_file: Path, timeout_s: int, label: str) -> dict:
+def client_dir(client: str | None) -> Path:
+    """The folder of a Transformers.js client: None/"js" = the pinned harness (tests/js), else tests/<client>
+    (tests/js-tjs3: 3.8.1, tests/js-tjs4-latest: the newest 4.x; graphkit/runtimes.py RUNTIMES[...].clients)."""
+    folder = HARNESS if client in (None, "js") else HARNESS.parent / client
+    if not (folder / "node_modules" / "@huggingface" / "transformers").is_dir():
+        raise GraphkitError(f"{folder}: Transformers.js is not installed; run `bash scripts/setup.sh`")
+    return folder
+
+
+def run_matrix(client: str | None, jobs: list[tuple[Path, str]], messages: list, new_tokens: int,
+               timeout_s: int = 900) -> dict:
+    """Greedy generation for every (folder, dtype) in ``jobs`` in one Node process of ``client``'s Transformers.js
+    (tests/js/generate_matrix.mjs). Returns ``{transformers_version, onnxruntime_node_version, runs: [...]}``; a job
+    that fails (e.g. a file the runtime cannot load) has ``error`` instead of ``results``."""
+    import os
+    folder = client_dir(client)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump([{"messages": m} for m in messages], fh, ensure_ascii=False)
+        prompts = Path(fh.name)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump([{"model_dir": str(Path(d).resolve()), "dtype": t} for d, t in jobs], fh)
+        jobs_file = Path(fh.name)
+    env = dict(os.environ)
+    env.pop("GRAPHKIT_TJS_CLIENT", None)
+    if folder != HARNESS:
+        env["GRAPHKIT_TJS_CLIENT"] = str(folder)
+    cmd = ["node", str(HARNESS / "generate_matrix.mjs"), "--jobs", str(jobs_file), "--prompts", str(prompts),
+           "--max-new-tokens", str(new_tokens)]
+    try:
+        return _run_harness(cmd, prompts, timeout_s, f"Transformers.js matrix ({folder.name})", env=env)
+    finally:
+        jobs_file.unlink(missing_ok=True)
+
+
+def _run_harness(cmd: list[str], input_file: Path, timeout_s: int, label: str, env: dict | None = None) -> dict:
     """Run one harness script (it prints exactly one JSON object), delete its input file, return the object
     with ``returncode`` added."""
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     finally:
         input_file.unlink(missing_ok=True)
     try:
@@ -131,7 +165,8 @@ def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages
                 if device == "webgpu" and adapter == "default" and res.get("shader_f16") is False and "f16" in str(res["error"]):
                     row.update(status="skipped", detail="adapter has no shader-f16: " + str(res["error"])[:160])
                 else:
-                    row["detail"] = str(res["error"])[:300]
+                    row["detail"] = str(res["error"])[:300] + known_problem_note(folder, dtype,
+                                                                                  res.get("transformers_version"), device)
                 rows.append(row)
                 continue
             ref = python_reference(variant_path(folder, dtype), prompt_ids, new_tokens, eos)
@@ -142,24 +177,43 @@ def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages
                                if c.margin_at_divergence is not None else f"diverges at {c.first_divergence}" for c in comps)
             if not ok and device == "webgpu":
                 detail += _webgpu_gqa_hint(variant_path(folder, dtype), res.get("adapter"), prompt_ids)
+            if not ok:
+                detail += known_problem_note(folder, dtype, res.get("transformers_version"), device)
             row.update(status="pass" if ok else "fail", detail=detail, adapter=res.get("adapter"),
                        decode_ms_per_token=[r.get("decode_ms_per_token") for r in res["results"]])
             rows.append(row)
     return rows
 
 
+def known_problem_note(folder: Path, dtype: str, transformers_version: str | None, device: str | None = None) -> str:
+    """The unconditional problems graphkit/runtimes.py knows for this file in the Transformers.js version that
+    ran it (its own report), as text to append to a failure; "" if none."""
+    from graphkit.runtimes import check_file, runtime_of_version
+    key = runtime_of_version(transformers_version)
+    path = variant_path(folder, dtype)
+    if key is None or not path.exists():
+        return ""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    backend = "node" if device in (None, "cpu") else device
+    found = [p for p in check_file(path, config, dtype, (key,), conditional=False) if backend in p["backends"]]
+    return "".join(f" — known ({p['code']}): {p['message']} Fix: {p['fix']}" for p in found)
+
+
 def _webgpu_gqa_hint(model: Path, adapter: dict | None, prompt_ids: list[list[int]]) -> str:
-    """Name the known onnxruntime-web bug when it can explain a WebGPU failure (tests/test_gqa_runtimes.py)."""
+    """Name the known onnxruntime-web bug (graphkit/runtimes.py webgpu-gqa-subgroup, tests/test_gqa_runtimes.py)
+    when it can explain a WebGPU failure: a --fuse file, an adapter with subgroups below 8, a prompt of 32+."""
+    from graphkit.runtimes import PROBLEMS, check_file
     subgroup = (adapter or {}).get("subgroup_min_size")
     if subgroup is None or subgroup >= 8 or max(map(len, prompt_ids), default=0) < 32:
         return ""
-    import onnx
-    ops = {n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node}
-    if "GroupQueryAttention" not in ops:
+    if not any(p["code"] == "webgpu-gqa-subgroup" for p in check_file(model)):
         return ""
-    return (f" — this adapter's subgroup size is {subgroup}: onnxruntime-web's WebGPU GroupQueryAttention is known to be "
-            "wrong for prompts of 32+ tokens on subgroup sizes below 8 (SwiftShader); convert without --fuse for it, "
-            "or check on a hardware GPU")
+    p = PROBLEMS["webgpu-gqa-subgroup"]
+    return (f" — this adapter's subgroup size is {subgroup}: known ({p.code}): {p.form}; {p.observed}. "
+            f"Fix: {p.fix}")
 
 
 _NP_TO_ORT = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int64): "int64",

@@ -39,6 +39,9 @@ others a handful of levels. That, not the weights, is what turns dynamic-int8 LL
   ``logits``, named ``*lm_head*``, reading the tied embedding table, or with N equal to the
   embedding table's row count); ``"keep"`` leaves it float. Float lm_head costs ~2x its int8 time
   per decode step and, for tied exports, keeps a second float copy of the table.
+* ``lm_head="only"`` quantizes the vocabulary projection alone and leaves the other MatMuls to a later pass
+  (``matmul-nbits``): the q4 form for Transformers.js 3.x, whose onnxruntime has no 8-bit MatMulNBits for the
+  shared table (graphkit/runtimes.py).
 * ``quantize_embedding_gather=True`` stores the embedding ``Gather`` table as int8 with one
   symmetric scale per row (token): ``Gather(table_q, ids) → Cast(float) → Mul(Gather(scales, ids))``
   (the gather happens before dequantization, so no step ever dequantizes the whole table). When
@@ -229,7 +232,7 @@ class MatMulInt8Pass(GraphPass):
         per_channel: bool = option(True, "one int8 weight scale per output column (max|W[:,n]|/127); false: one per tensor")
         include: list[str] = option([], "only MatMul nodes whose name matches one of these globs (empty: all)")
         exclude: list[str] = option([], "skip MatMul nodes whose name matches one of these globs")
-        lm_head: Literal["keep", "int8"] = option("int8", "the vocabulary projection (the MatMul producing `logits`, or reading the tied embedding table): quantize to int8 or keep float")
+        lm_head: Literal["keep", "int8", "only"] = option("int8", "the vocabulary projection (the MatMul producing `logits`, or reading the tied embedding table): quantize to int8, keep float, or quantize only it (the body is left to another pass: q4 for Transformers.js 3.x)")
         quantize_embedding_gather: bool = option(False, "store the embedding Gather table as int8 with one scale per row (token)")
         activations: Literal["per-token", "per-tensor"] = option("per-token", "activation scale: one symmetric scale per token (row), robust to massive activations; or per-tensor DynamicQuantizeLinear (the standard q8 form, fused by ORT)")
         fold_bias: bool = option(True, "put a following constant bias Add in the form onnxruntime fuses into MatMulIntegerToFloat")
@@ -237,8 +240,8 @@ class MatMulInt8Pass(GraphPass):
     def validate_options(self) -> None:
         if self.options.activations not in ("per-tensor", "per-token"):
             raise GraphkitError(f"matmul-int8: activations must be 'per-tensor' or 'per-token', got {self.options.activations!r}")
-        if self.options.lm_head not in ("keep", "int8"):
-            raise GraphkitError(f"matmul-int8: lm_head must be 'keep' or 'int8', got {self.options.lm_head!r}")
+        if self.options.lm_head not in ("keep", "int8", "only"):
+            raise GraphkitError(f"matmul-int8: lm_head must be 'keep', 'int8' or 'only', got {self.options.lm_head!r}")
         for key in ("include", "exclude"):
             val = getattr(self.options, key)
             if isinstance(val, str):
@@ -301,6 +304,9 @@ class MatMulInt8Pass(GraphPass):
                 continue
             if is_lm_head and opt.lm_head == "keep":
                 skipped.append(f"{n.name}: lm_head kept float")
+                continue
+            if not is_lm_head and opt.lm_head == "only":
+                skipped.append(f"{n.name}: not the lm_head (lm_head=only)")
                 continue
             sites.append(_Site(n, w, is_lm_head))
         return sites, skipped

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Python venv in .venv (torch pinned to the CPU wheel), the Transformers.js
-# test client in tests/js/node_modules, Debian's Chromium for the browser tests, and Mesa's lavapipe 25 for
-# WebGPU with shader-f16 (scripts/webgpu/setup_lavapipe.sh).
+# test clients in tests/js*/node_modules (Transformers.js 4.x pinned, 3.8.1, newest 4.x), Debian's Chromium for
+# the browser tests, and Mesa's lavapipe 25 for WebGPU with shader-f16 (scripts/webgpu/setup_lavapipe.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,10 +20,15 @@ if ! .venv/bin/python -c "import graphkit, torch, pytest, hypothesis" 2>/dev/nul
 fi
 if [ "${GRAPHKIT_SKIP_JS:-0}" != "1" ]; then
   if ! command -v node >/dev/null; then echo "[setup] node is required for the Transformers.js tests" >&2; exit 1; fi
-  if [ ! -d tests/js/node_modules/@huggingface/transformers ] || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; then
-    echo "[setup] installing the pinned Transformers.js client (npm ci)"
-    (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error)
-  fi
+  # tests/js: the pinned client (+ playwright-core); tests/js-tjs3 (3.8.1) and tests/js-tjs4-latest (newest 4.x): the
+  # version matrix (graphkit/runtimes.py). ONNXRUNTIME_NODE_INSTALL_CUDA=skip too: onnxruntime-node 1.21's install
+  # script ignores ONNXRUNTIME_NODE_INSTALL=skip (the CPU binary ships in every version's package).
+  for client in tests/js tests/js-tjs3 tests/js-tjs4-latest; do
+    if [ ! -d "$client/node_modules/@huggingface/transformers" ] || [ "$client/package-lock.json" -nt "$client/node_modules/.package-lock.json" ]; then
+      echo "[setup] installing the Transformers.js client in $client (npm ci)"
+      (cd "$client" && ONNXRUNTIME_NODE_INSTALL=skip ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm ci --no-audit --no-fund --loglevel=error)
+    fi
+  done
   if [ "${GRAPHKIT_SKIP_BROWSER:-0}" != "1" ] && [ ! -x /usr/bin/chromium ]; then
     echo "[setup] installing Debian's chromium"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

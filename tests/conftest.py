@@ -89,6 +89,16 @@ def fused(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def converted_tjs3(tmp_path_factory) -> Path:
+    """`graphkit convert --target transformers.js@3`: every file also for Transformers.js 3.x (graphkit/runtimes.py)."""
+    out = tmp_path_factory.mktemp("conv3") / "epicrisis-tjs3"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--target", "transformers.js@3", "--output",
+                          str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 _CLIENT_MATRIX: list[tuple[str, str, str]] = []
 
 

@@ -243,6 +243,20 @@ def test_lm_head_int8_by_default_and_kept_on_request():
         assert np.abs(got - ref).max() / np.abs(ref).max() < 0.03
 
 
+def test_lm_head_only_leaves_the_body_to_another_pass():
+    """lm_head=only (q4 for Transformers.js 3.x): the vocabulary projection and the lookup read one int8 table; the
+    body MatMul stays float for matmul-nbits."""
+    m, table, Wp = _lm_graph()
+    ids = np.array([[1, 7, 49, 3]], np.int64)
+    res = MatMulInt8Pass(lm_head="only", quantize_embedding_gather=True)(m)
+    assert _ops(res.model)["MatMulInteger"] == 1 and _ops(res.model)["MatMul"] == 1
+    assert any("not the lm_head" in s for s in res.details["skipped"]) and res.details["tied_lm_head_shared"] == 1
+    assert "Wp" in _inits(res.model) and "table" not in _inits(res.model)
+    got = _run(res.model, {"ids": ids})[0]
+    ref = table[ids] @ Wp @ table.T
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
+
+
 @pytest.mark.parametrize("separate_copy", [False, True])
 def test_embedding_gather_int8_per_row_and_tied_lm_head_shares_it(separate_copy):
     m, table, Wp = _lm_graph(separate_copy=separate_copy)

@@ -13,7 +13,7 @@ import {
   Cleanups, chromiumVersion, closeServer, launchChromium, resolvePackages, startServer,
 } from './chromium_common.mjs';
 import {
-  HarnessError, UsageError, emitJson, fail, log, modelIdOf, ortNodeModule, parseOptions, routeConsoleToStderr,
+  HarnessError, UsageError, emitJson, fail, importTransformers, log, modelIdOf, ortNodeModule, parseOptions, routeConsoleToStderr,
 } from './cli_common.mjs';
 import { runBenchmark, runOps } from './bench_core.mjs';
 
@@ -84,7 +84,7 @@ function parse(argv) {
 }
 
 async function benchNode(a) {
-  const T = await import('@huggingface/transformers');
+  const T = await importTransformers();
   const { env } = T;
   env.allowRemoteModels = false;
   env.allowLocalModels = true;

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
+import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { validatePrompts } from './harness_core.mjs';
 
@@ -115,9 +116,41 @@ export function fail(err, code = 1) {
   process.exit(err instanceof UsageError ? 2 : code);
 }
 
+/**
+ * The client folder whose Transformers.js the harness runs: $GRAPHKIT_TJS_CLIENT (a folder with its own
+ * package.json + node_modules, e.g. tests/js-tjs3 for the version matrix), or null for this folder's pinned one.
+ */
+export function clientDir() {
+  const client = process.env.GRAPHKIT_TJS_CLIENT;
+  if (!client) return null;
+  const dir = path.resolve(client);
+  if (!fs.existsSync(path.join(dir, 'node_modules', '@huggingface', 'transformers', 'package.json'))) {
+    throw new HarnessError(`GRAPHKIT_TJS_CLIENT=${client}: no node_modules/@huggingface/transformers there; `
+      + 'run `bash scripts/setup.sh` (it installs every client folder)');
+  }
+  return dir;
+}
+
+/** The package folder of the Transformers.js in use (see clientDir). */
+function transformersDir() {
+  const dir = clientDir();
+  if (dir) return path.join(dir, 'node_modules', '@huggingface', 'transformers');
+  const require = createRequire(import.meta.url);
+  return path.join(path.dirname(require.resolve('@huggingface/transformers')), '..');
+}
+
+/** Import Transformers.js: this folder's pinned version, or the client folder's (same ESM entry Node would pick). */
+export async function importTransformers() {
+  const dir = clientDir();
+  if (!dir) return import('@huggingface/transformers');
+  const pkgDir = transformersDir();
+  const pkg = JSON.parse(fs.readFileSync(path.join(pkgDir, 'package.json'), 'utf8'));
+  const entry = pkg.exports?.node?.import?.default ?? pkg.exports?.node?.import ?? pkg.module;
+  if (typeof entry !== 'string') throw new HarnessError(`${pkgDir}: no Node ESM entry in package.json exports`);
+  return import(pathToFileURL(path.join(pkgDir, entry)).href);
+}
+
 /** onnxruntime-node exactly as Transformers.js resolves it (its own dependency, not a second copy). */
 export function ortNodeModule() {
-  const require = createRequire(import.meta.url);
-  const tjsDist = path.dirname(require.resolve('@huggingface/transformers'));
-  return createRequire(path.join(tjsDist, '..', 'package.json'))('onnxruntime-node');
+  return createRequire(path.join(transformersDir(), 'package.json'))('onnxruntime-node');
 }

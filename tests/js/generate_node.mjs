@@ -2,7 +2,7 @@
 // Greedy generation with Transformers.js in Node (onnxruntime-node), fully offline.
 // Prints exactly one JSON object on stdout; all logs go to stderr. See README.md.
 import {
-  UsageError, emitJson, fail, log, parseCommon, routeConsoleToStderr,
+  UsageError, emitJson, fail, importTransformers, log, parseCommon, routeConsoleToStderr,
 } from './cli_common.mjs';
 import { spawnSync } from 'node:child_process';
 import { runDtypes, runGeneration } from './harness_core.mjs';
@@ -61,7 +61,7 @@ async function main() {
     sessionOptions = { intraOpNumThreads: threads, interOpNumThreads: 1 };
   }
 
-  const T = await import('@huggingface/transformers');
+  const T = await importTransformers();
   const { env } = T;
   env.allowRemoteModels = false; // never contact the Hub
   env.allowLocalModels = true;
