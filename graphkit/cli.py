@@ -32,6 +32,7 @@ def export(
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (can run code)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the folder."),
+    logits_to_keep: bool = typer.Option(False, "--logits-to-keep", help="Add the num_logits_to_keep input (Transformers.js 4.x feeds it: a prefill computes lm_head for the last position only). Transformers.js 3.x cannot load such a folder."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Load the whole model in memory (peft merge) instead of tracing without weights and streaming them."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -129,6 +130,7 @@ def convert(
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     no_agreement: bool = typer.Option(False, "--no-agreement", help="Skip the agreement-with-fp32 check in the summary."),
     fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
+    logits_to_keep: bool = typer.Option(False, "--logits-to-keep", help="Add the num_logits_to_keep input (Transformers.js 4.x feeds it: a prefill computes lm_head for the last position only). Transformers.js 3.x cannot load such a folder."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
     pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
@@ -148,7 +150,7 @@ def convert(
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
-                                  progress=progress, pipelines=overrides)
+                                  progress=progress, pipelines=overrides, logits_to_keep=logits_to_keep)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

@@ -52,6 +52,9 @@ DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
 FP16_KV_DTYPES = {"fp16", "q4f16"}
+# --logits-to-keep: first in every pipeline (the lm_head is still a float MatMul there); Transformers.js 4.x
+# only (passes/logits_to_keep.py says why it cannot be an optional input that 3.x ignores).
+LOGITS_TO_KEEP_PREFIX = "logits-to-keep"
 
 
 @dataclass
@@ -101,9 +104,13 @@ def parse_pipeline_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, str] | None = None) -> str:
-    """The pass spec for ``dtype``: ``overrides`` (``--pipeline``) or PIPELINES, after FUSE_PREFIX with --fuse."""
+def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, str] | None = None,
+                  logits_to_keep: bool = False) -> str:
+    """The pass spec for ``dtype``: ``overrides`` (``--pipeline``) or PIPELINES, after FUSE_PREFIX with --fuse,
+    after LOGITS_TO_KEEP_PREFIX with --logits-to-keep."""
     spec = (overrides or {}).get(dtype, PIPELINES[dtype])
+    if logits_to_keep:
+        return ",".join(p for p in (LOGITS_TO_KEEP_PREFIX, pipeline_spec(dtype, fuse, model_dir, overrides)) if p)
     if not fuse:
         return spec
     from graphkit.hfmodel import read_json
@@ -191,7 +198,8 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
-            progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None) -> dict:
+            progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
+            logits_to_keep: bool = False) -> dict:
     from graphkit import tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
@@ -222,11 +230,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
-        specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir, pipelines)) for d in dtypes}
+        specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir, pipelines, logits_to_keep)) for d in dtypes}
         with tensors.spill_to(tmp / ".spill", f"converting into {output}"):  # new weights go to disk, not into the proto
             for i, dtype in enumerate(dtypes):
                 fname = DTYPE_FILES[dtype]
-                spec = pipeline_spec(dtype, fuse, model_dir, pipelines)
+                spec = pipeline_spec(dtype, fuse, model_dir, pipelines, logits_to_keep)
                 step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
                 t0 = time.perf_counter()
                 reset_peak()
@@ -283,7 +291,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
-            "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
+            "exporter": exporter, "fused": fuse, "logits_to_keep": logits_to_keep, "total_s": round(time.perf_counter() - t_start, 2),
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
 
 
