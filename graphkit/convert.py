@@ -11,6 +11,7 @@ Export once, then run one named pipeline of passes per dtype and write::
     OUT/onnx/model_q4.onnx        q4
     OUT/onnx/model_q4f16.onnx     q4f16
     OUT/onnx/model_quantized.onnx q8 (the browser's wasm default)
+    OUT/onnx/model_w4.onnx        w4 (opt-in: + model_w4.w4bin and OUT/w4.mjs; passes/matmul_w4.py)
 
 Files that would pass 2 GB get external data chunks ``model_X.onnx_data``, ``model_X.onnx_data_1``…
 
@@ -46,6 +47,9 @@ PIPELINES: dict[str, str] = {
     "q4f16": "tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=4),"
              "matmul-nbits(bits=4,block_size=32,accuracy_level=4),fp16",
     "q8": "matmul-int8(quantize_embedding_gather=true)",
+    # not a Transformers.js dtype: model_w4.onnx + model_w4.w4bin, the 4-bit download that wasm runs at q8 speed
+    # once w4.mjs (copied into the folder) expands it (passes/matmul_w4.py, docs/w4.md)
+    "w4": "matmul-w4(block_size=32,symmetric=false)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
@@ -163,7 +167,7 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 
 
 # Output size of each dtype relative to the float32 weights (Qwen2.5 0.5B / 1.5B shapes, benchmarks/RESULTS.md).
-SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "q4": 0.16, "q4f16": 0.145, "q8": 0.25}
+SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "q4": 0.16, "q4f16": 0.145, "q8": 0.25, "w4": 0.16}
 
 
 def _check_free_space(model_dir: Path, output: Path, dtypes: list[str]) -> None:
@@ -255,7 +259,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()))
                         reports += more
                     force_external = True if max_chunk_bytes else None  # None: only above 2 GB
-                    if not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
+                    if dtype == "w4":
+                        from passes.matmul_w4 import save_w4
+                        files = save_w4(model, onnx_dir / fname)
+                        shutil.copyfile(Path(__file__).parent / "js" / "w4.mjs", tmp / "w4.mjs")
+                    elif not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
                         files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
                     else:
                         files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
