@@ -271,7 +271,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     previous = (names, model, reports) if names and extended_later else None
                     del model
                     release_free_memory()
-                    if len(files) > 1:
+                    if len(files) > 1 and dtype != "w4":  # w4's second file is its .w4bin, not ONNX external data
                         external[fname] = len(files) - 1
                     peak = peak_rss()
                     if dtype == "fp32" and peak is not None and export_peak is not None:

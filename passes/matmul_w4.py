@@ -18,15 +18,17 @@ beside the file (:func:`materialize`).
 
 The numbers: each weight (MatMul B ``[K, N]``; the embedding table as ``table.T`` ``[H, V]``, i.e. blocks
 along the hidden axis of each token's row) is quantized to 4 bits by :func:`passes._quant.quantize_blockwise`
-(``block_size``, ``symmetric``), dequantized to ``W4`` in float32 (:func:`passes._quant.dequantize_blockwise`:
-``(q - zp) * scale``), then requantized to int8 per column by :func:`passes.matmul_int8.quantize_weight`
+(``block_size``, ``symmetric``; with ``scales=float16``, the default, from the weight's float16 value, as the
+q4f16 file does, so the download stores float16 block scales), dequantized to ``W4`` in float32
+(``(q - zp) * float32(scale)``), then requantized to int8 per column by :func:`passes.matmul_int8.quantize_weight`
 (``s8 = max|W4[:, n]| / 127``, ``q8 = clip(rint(W4 * (1 / s8)), -127, 127)``). The expansion recomputes
 exactly these float32 operations (JavaScript: products of float32 values are exact in double, then
 ``Math.fround``; ties to even), so its bytes equal the int8 weights of the graph this pass returns
 (tested byte for byte).
 
 Tolerance: per weight element ``|q8 * s8 - W| <= |W4 - W| + s8 / 2`` with ``|W4 - W|`` the 4-bit bound of
-passes/_quant.py (half a block step) and ``s8 / 2 = max|W4[:, n]| / 254`` the int8 step of the q8 file
+passes/_quant.py (half a block step; with float16 scales plus ``|W - float16(W)|`` and the float16 rounding of
+the scale, at most ``15 * 2^-11`` steps) and ``s8 / 2 = max|W4[:, n]| / 254`` the int8 step of the q8 file
 (whose own bound is ``max|W[:, n]| / 254``); activations are quantized exactly as in the q8 file.
 End to end: the 4-bit error plus at most the q8's own.
 """
@@ -36,6 +38,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -60,18 +63,22 @@ class MatMulW4Options(MatMulInt8Pass.Options):
     quantize_embedding_gather: bool = option(True, "store the embedding Gather table (and the tied lm_head that reads it) at 4 bits too")
     block_size: int = option(32, "4-bit block along K (the hidden axis for the embedding table): a power of two, 16..256")
     symmetric: bool = option(False, "4-bit blocks: false = min/max with zero points (passes/_quant.py), true = signed scale")
+    scales: Literal["float16", "float32"] = option("float16", "block scales in the download: float16 (the weight is "
+                                                              "quantized from its float16 value, as q4f16 does) or float32")
 
 
 class MatMulW4Pass(MatMulInt8Pass):
     name = "matmul-w4"
     Options = MatMulW4Options
     tolerance = ("approximate (4-bit weights run as int8): per weight element |q8*s8 - W| <= |W4 - W| + s8/2, "
-                 "|W4 - W| <= half a 4-bit block step (passes/_quant.py), s8 = max|W4[:,n]|/127 (the q8 file's "
+                 "|W4 - W| <= half a 4-bit block step (passes/_quant.py; scales=float16: + |W - float16(W)| + 15*2^-11 steps), s8 = max|W4[:,n]|/127 (the q8 file's "
                  "int8 step); activations as matmul-int8 (per-token). The expanded int8 bytes equal the graph's")
 
     def validate_options(self) -> None:
         super().validate_options()
         o = self.options
+        if o.scales not in ("float16", "float32"):
+            raise GraphkitError(f"matmul-w4: scales must be float16 or float32, got {o.scales!r}")
         bs = o.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or not 16 <= bs <= 256 or bs & (bs - 1):
             raise GraphkitError(f"matmul-w4: block_size must be a power of two from 16 to 256, got {bs!r}")
@@ -81,10 +88,9 @@ class MatMulW4Pass(MatMulInt8Pass):
     # ---------------------------------------------------------------- 4-bit first, then matmul-int8's int8
     def _four_bit(self, w_KN: np.ndarray, name: str):
         o = self.options
-        w = np.asarray(w_KN, np.float32)
+        w = np.asarray(w_KN, np.float16 if o.scales == "float16" else np.float32)
         packed, scales, zp = _quant.quantize_blockwise(w, 4, o.block_size, o.symmetric, name=name)
-        w4 = _quant.dequantize_blockwise(packed, scales, zp, 4, o.block_size, w.shape[0])
-        return w4, (packed, scales, zp)
+        return dequantize(packed, scales, zp, o.block_size, w.shape[0]), (packed, scales, zp)
 
     def _record(self, q_name: str, kind: str, K: int, N: int, parts) -> None:
         packed, scales, zp = parts
@@ -128,6 +134,12 @@ class MatMulW4Pass(MatMulInt8Pass):
         return res
 
 
+def dequantize(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, block_size: int, K: int) -> np.ndarray:
+    """W4 ``[K, N]`` float32 = ``(q - zp) * float32(scale)``, one float32 rounding (no float16 rounding of the
+    product, unlike _quant.dequantize_blockwise for float16 scales): what the client step computes."""
+    return _quant.dequantize_blockwise(packed, np.asarray(scales).astype(np.float32), zp, 4, block_size, K)
+
+
 def _set_meta(model: onnx.ModelProto, value: dict) -> None:
     for p in model.metadata_props:
         if p.key == META_KEY:
@@ -150,7 +162,7 @@ def w4_meta(model: onnx.ModelProto) -> dict | None:
 # to 64 bytes. Header: {"data_file": "model_w4.onnx_data", "data_bytes": n, "tensors": [{"name", "kind"
 # ("matmul": int8 [K, N] row-major; "table": int8 [N, K] = [V, H] row-major), "K", "N", "block_size",
 # "offset" (in the data file), "packed": [off, len] (uint8 [N, kb, block/2], low nibble first),
-# "scales": [off, len] (float32 [N, kb]), "zp": [off, len] or null (uint8 [N, ceil(kb/2)], packed like
+# "scales": [off, len] ([N, kb] in "scales_dtype": float16 or float32), "zp": [off, len] or null (uint8 [N, ceil(kb/2)], packed like
 # the codes; null = 8), "s8": [off, len] (float32 [N])}]}. Offsets of sections are from the start of the file.
 
 def data_file_name(onnx_name: str) -> str:
@@ -189,8 +201,10 @@ def save_w4(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
             if key not in arrays:
                 item[key] = None
                 continue
-            raw = np.ascontiguousarray(arrays[key]).astype({"packed": np.uint8, "zp": np.uint8}.get(key, np.float32),
-                                                           copy=False).tobytes()
+            want = {"packed": np.uint8, "zp": np.uint8, "s8": np.float32}.get(key, arrays[key].dtype)
+            raw = np.ascontiguousarray(arrays[key]).astype(want, copy=False).tobytes()
+            if key == "scales":
+                item["scales_dtype"] = np.dtype(want).name
             sections.append((item, key, raw))
         header_tensors.append(item)
     header = {"version": VERSION, "data_file": data_name, "data_bytes": pos_data, "tensors": header_tensors}
@@ -263,8 +277,7 @@ def _scale_for(model: onnx.ModelProto, entry: dict, inits: dict) -> np.ndarray:
     packed = tensors.array(inits[e["parts"]["packed"]])
     scales = tensors.array(inits[e["parts"]["scales"]])
     zp = tensors.array(inits[e["parts"]["zp"]]) if "zp" in e["parts"] else None
-    w4 = _quant.dequantize_blockwise(packed, scales, zp, 4, e["block_size"], e["K"])
-    return quantize_weight_scale(w4)
+    return quantize_weight_scale(dequantize(packed, scales, zp, e["block_size"], e["K"]))
 
 
 def quantize_weight_scale(w4: np.ndarray) -> np.ndarray:
@@ -295,10 +308,10 @@ def expand(blob: bytes) -> bytes:
             off, length = t[key]
             return np.frombuffer(view[off:off + length], dtype=dtype).reshape(shape)
         packed = sec("packed", np.uint8, (N, kb, bs // 2))
-        scales = sec("scales", np.float32, (N, kb))
+        scales = sec("scales", np.dtype(t.get("scales_dtype", "float32")), (N, kb))
         zp = sec("zp", np.uint8, (N, -(-kb // 2))) if t.get("zp") else None
         s8 = sec("s8", np.float32, (N,))
-        w4 = _quant.dequantize_blockwise(packed, scales, zp, 4, bs, K)  # [K, N]
+        w4 = dequantize(packed, scales, zp, bs, K)  # [K, N]
         with np.errstate(divide="ignore"):
             inv = np.where(s8 > 0, np.float32(1) / np.where(s8 > 0, s8, 1), np.float32(0)).astype(np.float32)
         q = np.clip(np.rint(w4 * inv), -127, 127).astype(np.int8)

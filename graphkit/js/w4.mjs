@@ -22,6 +22,14 @@ function header(bytes) {
   return JSON.parse(new TextDecoder().decode(bytes.subarray(12, 12 + len)));
 }
 
+// IEEE half → number (exact)
+function fromHalf(h) {
+  const e = (h >> 10) & 31;
+  const m = h & 1023;
+  const v = e === 0 ? m * 2 ** -24 : e === 31 ? (m ? NaN : Infinity) : (1024 + m) * 2 ** (e - 25);
+  return h & 0x8000 ? -v : v;
+}
+
 // numpy.rint: nearest integer, ties to even
 function rint(x) {
   const f = Math.floor(x);
@@ -44,14 +52,15 @@ export function expandW4(blob) {
     const half = bs >> 1;
     const zpStride = Math.ceil(kb / 2);
     const packed = view(t.packed, Uint8Array);
-    const scales = view(t.scales, Float32Array);
+    const f16 = t.scales_dtype === 'float16';
+    const scales = view(t.scales, f16 ? Uint16Array : Float32Array);
     const zp = view(t.zp, Uint8Array);
     const s8 = view(t.s8, Float32Array);
     const table = t.kind === 'table'; // int8 [N, K] (embedding rows) instead of MatMul's [K, N]
     for (let n = 0; n < N; n++) {
       const inv = s8[n] > 0 ? f32(1 / s8[n]) : 0;
       for (let b = 0; b < kb; b++) {
-        const s = scales[n * kb + b];
+        const s = f16 ? fromHalf(scales[n * kb + b]) : scales[n * kb + b];
         const z = zp ? (zp[n * zpStride + (b >> 1)] >> ((b & 1) * 4)) & 15 : 8;
         const base = (n * kb + b) * half;
         const kEnd = Math.min(bs, K - b * bs);
