@@ -52,6 +52,10 @@ PIPELINES: dict[str, str] = {
     "w4": "matmul-w4(block_size=32,symmetric=false)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
+# Where each file is meant to run (RESULTS.md "Transformers.js speed" and docs/w4.md have the measurements):
+# MatMulNBits is fast only where onnxruntime has its native 4-bit GEMM (CPU, WebGPU), never in wasm.
+DEVICE_FOR = {"fp32": "reference (CPU)", "fp16": "WebGPU with shader-f16", "q4": "Node / CPU",
+              "q4f16": "WebGPU", "q8": "wasm (the browser default) and CPU", "w4": "wasm, 4-bit download (w4.mjs)"}
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
@@ -75,6 +79,7 @@ class DtypeResult:
     error: str | None = None
     pipeline: str | None = None  # the full pass spec that made this file ("" = the export itself)
     agreement_note: str | None = None  # why the agreement check left this file out
+    device: str | None = None  # DEVICE_FOR: where the file is meant to run
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -278,7 +283,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         peak = max(peak, export_peak)
                     results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
-                                               [r.name.split("(")[0] for r in reports], peak, pipeline=spec))
+                                               [r.name.split("(")[0] for r in reports], peak, pipeline=spec,
+                                               device=DEVICE_FOR.get(dtype)))
                 except GraphkitError as exc:
                     previous = None
                     for f in onnx_dir.glob(fname + "*"):
@@ -383,5 +389,7 @@ def render(summary: dict) -> None:
             out.print(f"[red]{d['dtype']} failed:[/] {escape(d['error'] or '')}", soft_wrap=True)
         elif d.get("agreement_note"):
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
+    out.print("meant for: " + "; ".join(f"{d['dtype']}: {DEVICE_FOR.get(d['dtype'], '-')}" for d in summary["dtypes"] if d["ok"]),
+              markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
