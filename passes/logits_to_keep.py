@@ -36,9 +36,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import PassNotApplicable, PostconditionError, PreconditionError
 from graphkit.passbase import GraphPass, PassResult
+from graphkit.tjs_contract import NUM_LOGITS_TO_KEEP as INPUT
 from passes._fusion import MS_DOMAIN, fresh_name, taken_names
 
-INPUT = "num_logits_to_keep"
 _HEADS = {("", "MatMul"), ("ai.onnx", "MatMul"), (MS_DOMAIN, "MatMulNBits"), (MS_DOMAIN, "FusedMatMul")}
 _PASS_THROUGH = {"Cast", "Identity"}
 
