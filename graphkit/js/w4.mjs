@@ -57,21 +57,25 @@ export function expandW4(blob) {
     const zp = view(t.zp, Uint8Array);
     const s8 = view(t.s8, Float32Array);
     const table = t.kind === 'table'; // int8 [N, K] (embedding rows) instead of MatMul's [K, N]
+    const lut = new Int8Array(16);
     for (let n = 0; n < N; n++) {
       const inv = s8[n] > 0 ? f32(1 / s8[n]) : 0;
       for (let b = 0; b < kb; b++) {
         const s = f16 ? fromHalf(scales[n * kb + b]) : scales[n * kb + b];
         const z = zp ? (zp[n * zpStride + (b >> 1)] >> ((b & 1) * 4)) & 15 : 8;
+        // a block's int8 values depend only on its 16 codes: compute them once per block
+        for (let q = 0; q < 16; q++) {
+          const w4 = f32((q - z) * s);          // dequantize: (q - zp) * scale, float32
+          const r = rint(f32(w4 * inv));        // int8 per column: rint(w4 * (1 / s8)), float32
+          lut[q] = r > 127 ? 127 : r < -127 ? -127 : r;
+        }
         const base = (n * kb + b) * half;
         const kEnd = Math.min(bs, K - b * bs);
-        for (let j = 0; j < kEnd; j++) {
+        let o = offset + (table ? n * K + b * bs : b * bs * N + n);
+        const step = table ? 1 : N;
+        for (let j = 0; j < kEnd; j++, o += step) {
           const byte = packed[base + (j >> 1)];
-          const q = (j & 1) ? byte >> 4 : byte & 15;
-          const w4 = f32((q - z) * s);          // dequantize: (q - zp) * scale, float32
-          let r = rint(f32(w4 * inv));          // int8 per column: rint(w4 * (1 / s8)), float32
-          r = r > 127 ? 127 : r < -127 ? -127 : r;
-          const k = b * bs + j;
-          out[offset + (table ? n * K + k : k * N + n)] = r;
+          out[o] = lut[(j & 1) ? byte >> 4 : byte & 15];
         }
       }
     }
