@@ -265,7 +265,7 @@ def anchor_export(model_dir: str, out: str, adapter: str | None = None) -> dict:
     then ``onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True)`` if > 2 GB."""
     import onnx
     import tempfile
-    from graphkit.export import _export_torchscript, _wrapper, sample_inputs
+    from graphkit.tracing import export_torchscript, flat_cache_wrapper, sample_inputs
     from graphkit.hfmodel import load_causal_lm
     import torch
     model, _ = load_causal_lm(Path(model_dir), Path(adapter) if adapter else None)
@@ -273,7 +273,7 @@ def anchor_export(model_dir: str, out: str, adapter: str | None = None) -> dict:
     out_p.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_p.parent) as tmp, torch.no_grad():
         raw = Path(tmp) / "model.onnx"
-        _export_torchscript(_wrapper(model), sample_inputs(model.config), raw, model.config.num_hidden_layers)
+        export_torchscript(flat_cache_wrapper(model), sample_inputs(model.config), raw, model.config.num_hidden_layers)
         del model
         m = onnx.load(str(raw))
         big = sum(f.stat().st_size for f in Path(tmp).iterdir()) > 2**31 - 2**26

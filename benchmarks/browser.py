@@ -54,7 +54,9 @@ FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "q4": "model_q4.onnx",
          "q8": "model_quantized.onnx", "w4": "model_w4.onnx"}  # w4: passes/matmul_w4.py (+ model_w4.w4bin, w4.mjs)
 FOLDERS = {"ours": "ours", "ours-fuse": "ours-fuse", "anchor": "anchor-tjs", "proto": "proto-q4i8"}
 CLIENTS = {"node": ["--client", "node"], "wasm": ["--client", "chromium", "--device", "wasm"],
-           "webgpu": ["--client", "chromium", "--device", "webgpu"]}
+           "webgpu": ["--client", "chromium", "--device", "webgpu"],
+           # Mesa lavapipe 25 (shader-f16, subgroup size 8; scripts/webgpu/setup_lavapipe.sh): WebGPU f16 on the CPU
+           "webgpu-lavapipe": ["--client", "chromium", "--device", "webgpu", "--adapter", "lavapipe"]}
 DEFAULT_CONTENDERS = ("ours q8,ours q4,ours q4f16,ours fp32,ours-fuse q8,ours-fuse q4,ours-fuse q4f16,ours-fuse fp32,"
                       "anchor q8,anchor q4,anchor q4f16")
 
@@ -203,8 +205,10 @@ def group_table(g: dict, groups: list[dict]) -> str:
     rows = []
     for client in g["clients"]:
         anchors = {name.split()[1]: tok_s(g["summary"][f"{client}|{name}"])
-                   for name in g["contenders"] if name.startswith("anchor ")}
+                   for name in g["contenders"] if name.startswith("anchor ") and f"{client}|{name}" in g["summary"]}
         for name in g["contenders"]:
+            if f"{client}|{name}" not in g["summary"]:  # --only: not measured in this group
+                continue
             s = g["summary"][f"{client}|{name}"]
             size = C.mb(g["sizes"][name]) if g["sizes"].get(name) else "—"
             if "error" in s:
@@ -258,6 +262,8 @@ def side_by_side(groups: list[dict]) -> str:
             if client not in clients:
                 clients.append(client)
             for name in g["contenders"]:
+                if f"{client}|{name}" not in g["summary"]:
+                    continue
                 s = g["summary"][f"{client}|{name}"]
                 cells.setdefault(name, {})[client] = "fails" if "error" in s else f"{tok_s(s):.2f} ({g['group']})"
     clients = [c for c in CLIENTS if c in clients]
@@ -265,7 +271,21 @@ def side_by_side(groups: list[dict]) -> str:
     return C.table(["contender"] + [f"{c} tok/s (group)" for c in clients], rows)
 
 
-def render(base: Path, size: str) -> str:
+def limits_table(base: Path) -> str:
+    """What each file of ``ours`` breaks (graphkit.browser_limits, the warnings `convert` prints at write time)."""
+    sys.path.insert(0, str(C.ROOT))
+    from graphkit import browser_limits
+    from graphkit.modelio import load_model
+    rows = []
+    for dtype, fname in FILES.items():
+        path = base / "ours" / "onnx" / fname
+        if path.exists():
+            problems = browser_limits.check(load_model(path, load_external="lazy"), dtype)
+            rows.append([dtype, fname, C.mb(C.file_bytes(path)), "<br>".join(problems) or "none"])
+    return C.table(["dtype", "file", "size", "browser limits it breaks (convert's warning)"], rows)
+
+
+def render(base: Path, size: str, limits: bool = False) -> str:
     groups = [json.loads(p.read_text()) for p in sorted((base / "browser-runs").glob("*.json"))]
     groups.sort(key=lambda g: g["time"])
     parts = [f"## Transformers.js speed: Node vs Chromium (wasm, WebGPU), random-weight Qwen2.5-{size} shape\n",
@@ -278,6 +298,13 @@ def render(base: Path, size: str) -> str:
              "\"tok/s ÷ anchor\" above 1 = ours faster. 'tokens = PyTorch' = leading greedy tokens equal to PyTorch fp32's "
              "on the same prompt; '(= ORT)' = the whole 32 equal Python onnxruntime's on the same file.\n",
              "### Decode tok/s side by side\n", side_by_side(groups), ""]
+    if limits:
+        parts += ["### Browser limits per file\n",
+                  "wasm32 memory (4 GiB: every weight is copied into it for device 'wasm'); onnxruntime-web reads "
+                  "each external-data chunk into one buffer (convert keeps chunks < 2 GB). `graphkit convert` prints "
+                  "these at write time (graphkit/browser_limits.py). Not a limit here: lavapipe's 128 MiB "
+                  "maxStorageBufferBindingSize — q4's 223 MiB 8-bit table loads and runs on it (table above).\n",
+                  limits_table(base), ""]
     for g in groups:
         parts += [f"### Group `{g['group']}` ({g['date']})\n",
                   f"Command: `{g['command']}`. Prompt {g['prompt_tokens']} tokens, {g['new_tokens']} new tokens, "
@@ -603,6 +630,10 @@ def main() -> None:
     ap.add_argument("--section", default="", help="RESULTS.md section suffix (browser-SIZE-SUFFIX); default: browser-SIZE")
     ap.add_argument("--group", default=None, help="name of this run's stored group (default: the clients)")
     ap.add_argument("--no-quality", action="store_true", help="skip the PyTorch / Python onnxruntime agreement child")
+    ap.add_argument("--only", default="", help="comma list of 'CLIENT|WHO DTYPE' pairs: measure just these of the "
+                    "clients × contenders matrix (e.g. 'wasm|ours q8,webgpu-lavapipe|ours q4f16')")
+    ap.add_argument("--limits", action="store_true", help="add a table of the browser limits each file of `ours` "
+                    "breaks (graphkit.browser_limits) to the section")
     ap.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from stored groups")
     ap.add_argument("--ops", action="store_true", help="diagnostics instead: one-layer graph forms (MatMulNBits bits/"
                     "block/accuracy_level, DequantizeLinear int4, q8 forms, int4-at-rest→int8) timed in node and wasm; "
@@ -622,7 +653,7 @@ def main() -> None:
             raise SystemExit(f"--folder {item!r}: expected WHO=SUBDIR")
         FOLDERS[who.strip()] = sub.strip()
     if a.render_only:
-        C.write_section(section, render(base, a.size))
+        C.write_section(section, render(base, a.size, a.limits))
         return
     clients = [c.strip() for c in a.clients.split(",") if c.strip()]
     if bad := [c for c in clients if c not in CLIENTS]:
@@ -665,6 +696,11 @@ def main() -> None:
         return r
 
     keys = [f"{c}|{n}" for c in clients for n in contenders]
+    if a.only:
+        only = [k.strip() for k in a.only.split(",") if k.strip()]
+        if bad := [k for k in only if k not in keys]:
+            raise SystemExit(f"--only {bad}: not in the clients × contenders matrix {keys}")
+        keys = only
     runs = C.alternate(keys, a.repeats, run_one)
     quality = None
     if not a.no_quality:
@@ -684,7 +720,7 @@ def main() -> None:
                       for k, rs in runs.items()}}
     (base / "browser-runs").mkdir(exist_ok=True)
     (base / "browser-runs" / f"{group}.json").write_text(json.dumps(record, indent=1))
-    C.write_section(section, render(base, a.size))
+    C.write_section(section, render(base, a.size, a.limits))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
     from graphkit.pipeline import registry
     reg = registry()
     if json_out:
-        emit_json({name: {"doc": _summary(cls), "tolerance": cls.tolerance,
+        emit_json({name: {"doc": _summary(cls), "tolerance": cls.tolerance.as_dict(), "mutates_input": cls.mutates_input,
                           "options": [dict(name=n, type=t, default=d, help=h) for n, t, d, h in cls.option_specs()]}
                    for name, cls in reg.items()})
         return
@@ -180,7 +180,7 @@ def verify(
     new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Tokens to generate per prompt (default 32; with --data: until the end of turn, at most the reference answer's length + 32)."),
     dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Only these dtypes (comma-separated)."),
     browser: bool = typer.Option(False, "--browser", help="Also run Transformers.js in headless Chromium (wasm and webgpu) and compare its tokens with onnxruntime's."),
-    devices: str = typer.Option("wasm,webgpu", "--devices", help="Browser devices for --browser."),
+    devices: str = typer.Option("wasm,webgpu", "--devices", help="Browser devices for --browser: wasm, webgpu (Chromium's own adapter), webgpu:lavapipe (Mesa lavapipe with shader-f16, set up by scripts/setup.sh)."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL of your own examples ({\"messages\": [...]} ending with the reference answer, or {\"prompt\", \"completion\"}): teacher-forced top-1/KL over the reference answers, greedy answers vs the reference model's, and the facts (ages, days, doses, sex, diagnosis) each variant keeps."),
     samples: Optional[int] = typer.Option(None, "--samples", min=1, help="With --data: only the first N examples."),
     facts_threshold: float = typer.Option(1.0, "--facts-threshold", help="With --data: share of the reference's facts a variant must keep (default 1.0: every fact)."),

@@ -30,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
-
 from graphkit.errors import GraphkitError
 from graphkit.tjs_contract import (OUTPUT_FILES as DTYPE_FILES, FP16_KV_DTYPES, KV_CACHE_DTYPE, ONNX_DIR, TJS_CONFIG,
                                    USE_EXTERNAL_DATA)
@@ -87,6 +85,7 @@ class DtypeResult:
     pipeline: str | None = None  # the full pass spec that made this file ("" = the export itself)
     agreement_note: str | None = None  # why the agreement check left this file out
     device: str | None = None  # DEVICE_FOR: where the file is meant to run
+    warnings: list[str] | None = None  # browser limits the file breaks (graphkit.browser_limits)
     mixed: dict | None = None  # --size-budget: the weights kept at 8 bits and why (graphkit/mixed.py)
 
 
@@ -238,7 +237,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
             calibration: str | Path | None = "self", calibration_samples: int | None = None,
             size_budget: float = 1.0, logits_to_keep: bool = False) -> dict:
-    from graphkit import tensors
+    from graphkit import browser_limits, tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
     from graphkit.pipeline import parse_spec, run_passes
@@ -309,15 +308,15 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     reports: list = []
                     if previous and previous[0] and names[:len(previous[0])] == previous[0]:
                         step(f"   starting from the {' → '.join(n.split('(')[0] for n in previous[0])} result")
-                        model = onnx.ModelProto()
-                        model.CopyFrom(previous[1])
+                        model = previous[1]  # run_passes(keep_input=True) leaves it as it is for later dtypes
                         reports = list(previous[2])
                         passes = passes[len(previous[0]):]
                     else:
                         previous = None
                         model = load_model(scratch, load_external="lazy")
                     if passes:
-                        model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()))
+                        model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()),
+                                                 keep_input=model is (previous[1] if previous else None))
                         reports += more
                     force_external = True if max_chunk_bytes else None  # None: only above 2 GB
                     if dtype == "w4":
@@ -328,6 +327,9 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
                     else:
                         files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
+                    limits = browser_limits.check(model, dtype)
+                    for w in limits:
+                        step(f"   WARNING: onnx/{fname}: {w}")
                     extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
                     previous = (names, model, reports) if names and extended_later else None
                     del model
@@ -340,6 +342,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
                                                [r.name.split("(")[0] for r in reports], peak, pipeline=spec,
+                                               warnings=limits or None,
                                                mixed=mixed.get(dtype), device=DEVICE_FOR.get(dtype)))
                 except GraphkitError as exc:
                     previous = None
@@ -454,16 +457,10 @@ def _pass_names(spec: str) -> list[str]:
 
 
 def _export(model_dir: Path, scratch: Path, adapter_dir: Path | None, exporter: str, stream: bool, step) -> None:
-    """The fp32 export every pipeline starts from, always with external data (never a 2 GB protobuf)."""
+    """The fp32 export every pipeline starts from, always with external data (never a 2 GB protobuf);
+    export_model picks streaming or in memory."""
     from graphkit.export import export_model
-    if stream and exporter == "dynamo":
-        from graphkit.stream_export import StreamingUnsupported, export_streaming
-        try:
-            export_streaming(model_dir, scratch, adapter_dir, progress=step)
-            return
-        except StreamingUnsupported as exc:
-            step(f"streaming export not possible ({exc}); exporting in memory instead")
-    export_model(model_dir, scratch, adapter_dir, exporter=exporter, external_data=True, stream=False, progress=step)
+    export_model(model_dir, scratch, adapter_dir, exporter=exporter, external_data=True, stream=stream, progress=step)
 
 
 # onnxruntime's CPU provider runs float16 ops in float32 behind Casts it folds into a float32 copy of every
@@ -511,6 +508,8 @@ def render(summary: dict) -> None:
             out.print(f"[red]{d['dtype']} failed:[/] {escape(d['error'] or '')}", soft_wrap=True)
         elif d.get("agreement_note"):
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
+        for w in d.get("warnings") or []:
+            out.print(f"warning: {d['file']}: {w}", markup=False, soft_wrap=True)
     out.print("meant for: " + "; ".join(f"{d['dtype']}: {DEVICE_FOR.get(d['dtype'], '-')}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),

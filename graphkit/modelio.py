@@ -24,6 +24,8 @@ import onnx
 from onnx import TensorProto
 
 from graphkit.errors import GraphkitError
+from graphkit.tensors import (clear_typed_data, expected_nbytes, external_info, external_span, is_external,  # noqa: F401
+                              iter_tensors, make_lazy, nbytes, read_bytes, restore_external, set_external)
 from graphkit.tjs_contract import external_data_name
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -33,26 +35,6 @@ DEFAULT_CHUNK_BYTES = 2_000_000_000  # < 2 GB: browsers and ORT-web read each ch
 _ALIGN = 64
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Every TensorProto in the model: initializers, Constant attributes, subgraphs."""
-    def walk(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
-                        yield from walk(g)
-    yield from walk(model.graph)
-
-
-def _external_info(tensor: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
 def check_external_locations(model: onnx.ModelProto, base_dir: Path, model_path: Path) -> list[str]:
     """Validate every external reference; return the data files used. Raises GraphkitError."""
     base = base_dir.resolve()
@@ -60,7 +42,7 @@ def check_external_locations(model: onnx.ModelProto, base_dir: Path, model_path:
     for tensor in iter_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
-        info = _external_info(tensor)
+        info = external_info(tensor)
         loc = info.get("location", "")
         where = f"{model_path}: tensor '{tensor.name}'"
         if not loc:
@@ -78,7 +60,7 @@ def check_external_locations(model: onnx.ModelProto, base_dir: Path, model_path:
             raise GraphkitError(f"{where}: external data {loc!r} is a link that leaves the model folder; refusing it")
         size = files.setdefault(loc, resolved.stat().st_size)
         offset = int(info.get("offset", 0) or 0)
-        expected = _expected_nbytes(tensor)
+        expected = expected_nbytes(tensor)
         length = int(info["length"]) if "length" in info else expected
         if expected is not None and length is not None and length != expected:
             raise GraphkitError(
@@ -88,28 +70,6 @@ def check_external_locations(model: onnx.ModelProto, base_dir: Path, model_path:
                 f"{where}: external data file {loc!r} is truncated ({size} bytes, tensor needs "
                 f"offset {offset} + {length}); re-export or re-download it")
     return sorted(files)
-
-
-# Sub-byte element types stored packed: elements per byte. Other sub-byte types (float6) have no
-# fixed byte size we check.
-_PACKED = {getattr(TensorProto, n): per for n, per in (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2),
-                                                       ("INT2", 4), ("UINT2", 4)) if hasattr(TensorProto, n)}
-_UNSIZED = {TensorProto.UNDEFINED, TensorProto.STRING} | {
-    getattr(TensorProto, n) for n in ("FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
-
-
-def _expected_nbytes(tensor: TensorProto) -> int | None:
-    if tensor.data_type in _UNSIZED:
-        return None
-    try:
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    except Exception:
-        return None
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    if tensor.data_type in _PACKED:
-        per = _PACKED[tensor.data_type]
-        return (count + per - 1) // per
-    return count * np.dtype(np_dtype).itemsize
 
 
 def _non_utf8_string(msg, where: str = "model") -> str | None:
@@ -165,7 +125,6 @@ def load_model(path: str | os.PathLike, load_external: bool | str = True) -> onn
         raise GraphkitError(f"{path}: not a readable ONNX model ({bad} is not valid UTF-8 text); the file is corrupt")
     check_external_locations(model, path.parent, path)
     if load_external == "lazy":
-        from graphkit.tensors import make_lazy
         make_lazy(model, path.parent)
     elif load_external:
         try:
@@ -197,7 +156,7 @@ def _tensor_size_problem(tensor: TensorProto) -> str | None:
     count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
     shape = list(tensor.dims)
     if tensor.HasField("raw_data"):
-        expected = _expected_nbytes(tensor)
+        expected = expected_nbytes(tensor)
         if expected is not None and len(tensor.raw_data) != expected:
             return f"has {len(tensor.raw_data)} bytes of data but its shape {shape} needs {expected}"
         return None
@@ -214,7 +173,6 @@ def model_nbytes(model: onnx.ModelProto, include_external: bool = True) -> int:
     """Serialized size estimate: proto size plus tensor bytes (works above 2 GB). With
     ``include_external`` (the default) tensors still on disk count too: the size the model has once
     saved; without, only what the in-memory proto holds."""
-    from graphkit.tensors import is_external, nbytes
     total = 0
     for t in iter_tensors(model):
         if t.HasField("raw_data"):
@@ -225,7 +183,6 @@ def model_nbytes(model: onnx.ModelProto, include_external: bool = True) -> int:
 
 
 def tensor_bytes(t: TensorProto) -> bytes:
-    from graphkit.tensors import read_bytes
     return read_bytes(t)
 
 
@@ -261,36 +218,41 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         external_data = model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20
     try:
         with atomic_output_dir(parent) as tmp:
-            written = _write(model, tmp / path.name, external_data, max_chunk_bytes)
-            stale = [p for p in parent.glob(path.name + "_data*") if p.is_file()]
-            if len(written) == 1:
-                os.replace(written[0], path)  # atomic: the old file or the new one, never half
-                for old in stale:
-                    old.unlink()
-                return [path]
-            # With data files there is no single atomic rename: drop the old .onnx first so a crash
-            # in between leaves no .onnx at all (never one pointing at the wrong data), move the
-            # data, and move the .onnx last.
-            path.unlink(missing_ok=True)
-            for old in stale:
-                old.unlink()
-            moved: list[Path] = []
-            try:
-                for f in written[1:]:
-                    os.replace(f, parent / f.name)
-                    moved.append(parent / f.name)
-                os.replace(written[0], path)
-            except BaseException:  # incl. Ctrl-C: no data files without their .onnx
-                for f in moved:
-                    f.unlink(missing_ok=True)
-                raise
-            return [path] + moved
+            return move_into_place(_write(model, tmp / path.name, external_data, max_chunk_bytes), path)
     except OSError as exc:
         raise GraphkitError(f"writing {path} failed: {exc.strerror or exc}; nothing was left at the output path") from None
 
 
+def move_into_place(written: list[Path], path: Path) -> list[Path]:
+    """Move a finished ``.onnx`` (``written[0]``) and its data chunks (the rest) from a temporary folder on the
+    same disk to ``path``, replacing an old output and its stale chunks; returns the final paths."""
+    parent = path.parent
+    stale = [p for p in parent.glob(path.name + "_data*") if p.is_file()]
+    if len(written) == 1:
+        os.replace(written[0], path)  # atomic: the old file or the new one, never half
+        for old in stale:
+            old.unlink()
+        return [path]
+    # With data files there is no single atomic rename: drop the old .onnx first so a crash
+    # in between leaves no .onnx at all (never one pointing at the wrong data), move the
+    # data, and move the .onnx last.
+    path.unlink(missing_ok=True)
+    for old in stale:
+        old.unlink()
+    moved: list[Path] = []
+    try:
+        for f in written[1:]:
+            os.replace(f, parent / f.name)
+            moved.append(parent / f.name)
+        os.replace(written[0], path)
+    except BaseException:  # incl. Ctrl-C: no data files without their .onnx
+        for f in moved:
+            f.unlink(missing_ok=True)
+        raise
+    return [path] + moved
+
+
 def _write(model: onnx.ModelProto, path: Path, external: bool, max_chunk_bytes: int) -> list[Path]:
-    from graphkit.tensors import is_external
     if not external:
         _write_single_file(model, path)
         return [path]
@@ -302,14 +264,14 @@ def _write(model: onnx.ModelProto, path: Path, external: bool, max_chunk_bytes: 
                 entries = list(tensor.external_data)
                 location, offset, length = writer.copy_external(tensor)
                 moved.append((tensor, None, entries))
-                _set_external(tensor, location, offset, length)
+                set_external(tensor, location, offset, length)
                 continue
             raw = tensor_bytes(tensor)
             if len(raw) < EXTERNAL_MIN_BYTES:
                 continue
             location, offset, length = writer.write(raw)
             moved.append((tensor, raw, []))
-            _set_external(tensor, location, offset, length)
+            set_external(tensor, location, offset, length)
         writer.close()
         with open(path, "wb") as out:
             out.write(model.SerializeToString())
@@ -318,11 +280,11 @@ def _write(model: onnx.ModelProto, path: Path, external: bool, max_chunk_bytes: 
         writer.close()
         for tensor, raw, entries in moved:  # restore the caller's in-memory model
             if raw is None:
-                _restore_external(tensor, entries)
+                restore_external(tensor, entries)
                 continue
             del tensor.external_data[:]
             tensor.data_location = TensorProto.DEFAULT
-            _clear_typed_data(tensor)
+            clear_typed_data(tensor)
             tensor.raw_data = raw
     return [path] + writer.files
 
@@ -335,7 +297,6 @@ def _write_single_file(model: onnx.ModelProto, path: Path) -> None:
     So the graph is written without its initializers, then each initializer as such a fragment (a
     lazy one read from disk just for its fragment): memory holds one tensor, not the whole model
     twice as ``SerializeToString`` would."""
-    from graphkit.tensors import is_external, read_bytes
     skeleton = _without_initializers(model)
     with open(path, "wb") as fh:
         fh.write(skeleton.SerializeToString())
@@ -401,8 +362,7 @@ class ExternalDataWriter:
 
     def copy_external(self, tensor: TensorProto) -> tuple[str, int, int]:
         """Copy a lazy tensor's bytes from its file in blocks, never holding the whole tensor."""
-        from graphkit.tensors import _external_span
-        src, src_offset, length = _external_span(tensor)
+        src, src_offset, length = external_span(tensor)
         location, offset = self._reserve(length)
         with open(src, "rb") as fh:
             fh.seek(src_offset)
@@ -418,29 +378,6 @@ class ExternalDataWriter:
 
     def close(self) -> None:
         self._close_chunk()
-
-
-def _restore_external(t: TensorProto, entries: list) -> None:
-    del t.external_data[:]
-    t.data_location = TensorProto.EXTERNAL
-    for e in entries:
-        new = t.external_data.add()
-        new.key, new.value = e.key, e.value
-
-
-def _clear_typed_data(t: TensorProto) -> None:
-    for fld in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
-        t.ClearField(fld)
-
-
-def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
-    _clear_typed_data(tensor)
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    tensor.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = k, v
 
 
 SKELETON_MIN_BYTES = 2**16
@@ -476,7 +413,6 @@ def graph_skeleton(model: onnx.ModelProto, min_bytes: int = SKELETON_MIN_BYTES) 
     decide a shape), but nothing large is copied or serialized, the 2 GB protobuf limit does not
     apply, and lazy external references (absolute paths, which the checker refuses) stay out of it.
     """
-    from graphkit.tensors import is_external, nbytes
     skel = _without_initializers(model)
     g, sg = model.graph, skel.graph
     for t in g.initializer:

@@ -1,19 +1,29 @@
 """The contract every graph pass follows.
 
 A pass is a small object with a ``name``, typed ``Options`` (a dataclass whose defaults are the
-documented defaults), a ``tolerance`` string saying how far it may move the model's outputs, and one
-``call(model)`` that returns a :class:`PassResult`. ``requires`` checks preconditions before the
-pass runs (raise :class:`PreconditionError` to refuse, :class:`PassNotApplicable` when there is
-nothing to do); ``ensures`` checks postconditions afterwards. ``__call__`` runs all three.
+documented defaults), a :class:`Tolerance` (data: metric, bound, reference) saying how far it may move
+the model's outputs, and ``mutates_input`` saying whether it rewrites the model it is given in place
+(True) or returns a new one and leaves its input untouched (False); the pipeline relies on it.
 
-Passes operate on ``onnx.ModelProto`` and may use onnx-graphsurgeon internally.
+``__call__`` matches once and rewrites from that match:
+
+1. ``match(model)`` finds what to rewrite and returns a plan, or raises :class:`PassNotApplicable`
+   with the reasons (nothing to do) or :class:`PreconditionError` (refuses the graph);
+2. ``rewrite(model, plan)`` applies the plan and returns a :class:`PassResult`;
+3. ``postconditions(result)`` checks the result (raise :class:`PostconditionError`).
+
+Older passes implement ``requires(model)`` / ``call(model)`` / ``ensures(model)`` instead; the default
+``match`` / ``rewrite`` / ``postconditions`` call those. ``requires`` and ``call`` stay callable on
+every pass (``call`` matches by itself).
+
+Passes operate on ``onnx.ModelProto``; ``passes/_fusion.py`` is the shared graph index.
 """
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,6 +38,47 @@ class PassResult:
     modified: bool
     summary: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    created: set[str] = field(default_factory=set)  # names of the nodes the rewrite made, for postconditions
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a pass may move the model's outputs, as data that `graphkit passes`, the README's table and
+    tests/test_pass_contract.py read.
+
+    ``metric``: ``exact`` (outputs bit-identical), ``max_abs`` (logits within ``bound`` absolute),
+    ``relative`` (outputs within ``bound`` of the reference's scale), ``top1`` (teacher-forced top-1
+    agreement with the reference at least ``bound`` on the shipped example's golden continuations);
+    ``reference``: what it is measured against; ``note``: the finer guarantee the pass's own tests hold."""
+
+    metric: str
+    bound: float
+    reference: str
+    note: str = ""
+
+    METRICS: ClassVar[tuple[str, ...]] = ("exact", "max_abs", "relative", "top1")
+
+    def __post_init__(self) -> None:
+        if self.metric not in self.METRICS:
+            raise ValueError(f"tolerance metric {self.metric!r} is not one of {', '.join(self.METRICS)}")
+
+    def headline(self) -> str:
+        """One line, e.g. ``logits within 1e-4 of the graph before the pass``."""
+        if self.metric == "exact":
+            return f"exact: outputs equal {self.reference}"
+        if self.metric == "max_abs":
+            return f"logits within {_num(self.bound)} of {self.reference}"
+        if self.metric == "relative":
+            return f"outputs within {_num(self.bound)} relative of {self.reference}"
+        if self.bound >= 1:
+            return f"top-1 = 1.0 vs {self.reference}"
+        return f"top-1 ≥ {_num(self.bound)} vs {self.reference}"
+
+    def __str__(self) -> str:
+        return self.headline() + (f"; {self.note}" if self.note else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "bound": self.bound, "reference": self.reference, "note": self.note}
 
 
 @dataclass
@@ -38,7 +89,11 @@ class NoOptions:
 class GraphPass(ABC):
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    tolerance: ClassVar[str] = "exact: outputs unchanged"
+    tolerance: ClassVar[Tolerance] = Tolerance("exact", 0.0, "the graph before the pass")
+    # True: rewrites the model it is given in place; False: returns a new model, its input untouched.
+    mutates_input: ClassVar[bool] = True
+    # Passes that must have run before this one (the pipeline order), as a spec; "" = none.
+    after: ClassVar[str] = ""
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -58,28 +113,61 @@ class GraphPass(ABC):
     def validate_options(self) -> None:
         """Raise GraphkitError for option values outside the supported range."""
 
+    # -- the contract: match once, rewrite from the plan, check the result --------------------------
+    def match(self, model: onnx.ModelProto) -> Any:
+        """The plan for ``model``; raise PassNotApplicable (with the reasons) or PreconditionError."""
+        self.requires(model)
+        return None
+
+    def rewrite(self, model: onnx.ModelProto, plan: Any) -> PassResult:
+        """Apply ``plan`` (from ``match`` on this same model)."""
+        return self.call(model)
+
+    def postconditions(self, result: PassResult) -> None:
+        """Check a modified result; raise PostconditionError."""
+        self.ensures(result.model)
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        try:
+            plan = self.match(model)
+        except PassNotApplicable as exc:
+            return PassResult(model, False, f"not applicable: {exc}")
+        result = self.rewrite(model, plan)
+        if result.modified:
+            self.postconditions(result)
+        return result
+
+    # -- the older form, kept callable on every pass -------------------------------------------------
     def requires(self, model: onnx.ModelProto) -> None:
         """Preconditions; raise PreconditionError or PassNotApplicable."""
+        if type(self).match is not GraphPass.match:
+            self.match(model)
 
-    @abstractmethod
     def call(self, model: onnx.ModelProto) -> PassResult:
-        ...
+        """Match and rewrite without the postconditions; not applicable = an unmodified result."""
+        if type(self).rewrite is GraphPass.rewrite:
+            raise NotImplementedError(f"{type(self).__name__} implements neither rewrite() nor call()")
+        try:
+            plan = self.match(model)
+        except PassNotApplicable as exc:
+            return PassResult(model, False, f"not applicable: {exc}")
+        return self.rewrite(model, plan)
 
     def ensures(self, model: onnx.ModelProto) -> None:
         """Postconditions on the result; raise PostconditionError."""
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
-        try:
-            self.requires(model)
-        except PassNotApplicable as exc:
-            return PassResult(model, False, f"not applicable: {exc}")
-        result = self.call(model)
-        if result.modified:
-            self.ensures(result.model)
-        return result
-
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
+        return f"{self.name}({opts})" if opts else self.name
+
+    def spec(self) -> str:
+        """The pass as pipeline spec text that parses back to this pass (``graphkit.pipeline.parse_spec``)."""
+        def text(v: Any) -> str:
+            if isinstance(v, (list, tuple)):
+                return "|".join(text(x) for x in v)
+            return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+        opts = ",".join(f"{k}={text(v)}" for k, v in dataclasses.asdict(self.options).items()
+                        if not (isinstance(v, (list, tuple)) and not v))  # an empty list is the default "a|b" cannot say
         return f"{self.name}({opts})" if opts else self.name
 
     @classmethod
@@ -92,6 +180,14 @@ class GraphPass(ABC):
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             out.append((f.name, _type_name(hints.get(f.name, str)), default, f.metadata.get("help", "")))
         return out
+
+
+def _num(x: float) -> str:
+    """1e-4 rather than 0.0001 or 1e-04; 0.95 as is."""
+    if 0 < x < 1e-3:
+        mantissa, exp = f"{x:.0e}".split("e")
+        return f"{mantissa}e{int(exp)}"
+    return f"{x:g}"
 
 
 def option(default: Any, help: str) -> Any:

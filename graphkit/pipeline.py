@@ -107,12 +107,22 @@ def verify_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
 
 
 def run_passes(model: onnx.ModelProto, passes: list[GraphPass], check: bool = True,
-               on_report: Callable[[PassReport], None] | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
+               on_report: Callable[[PassReport], None] | None = None,
+               keep_input: bool = False) -> tuple[onnx.ModelProto, list[PassReport]]:
+    """Run ``passes`` in order. ``keep_input``: the caller's ``model`` must come back unchanged, so it is copied
+    (once, lazily: weights on disk are not read) before the first pass that declares ``mutates_input``; passes
+    that return a new model need no copy."""
     reports = []
+    owned = not keep_input
     for p in passes:
+        if not owned and p.mutates_input:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            model, owned = copy, True
         nb, bb = len(model.graph.node), initializer_bytes(model)
         t0 = time.perf_counter()
         result: PassResult = p(model)
+        owned = owned or result.model is not model
         model = result.model
         checked = "not checked"
         if check and result.modified:

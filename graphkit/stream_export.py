@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -44,7 +43,6 @@ _UNSUPPORTED_ADAPTER_FLAGS = ("use_dora", "fan_in_fan_out", "lora_bias", "use_qa
                               "alora_invocation_tokens", "arrow_config", "kasa_config", "monteclora_config",
                               "velora_config", "use_bdlora", "megatron_config", "trainable_token_indices",
                               "target_parameters", "modules_to_save")
-_WRAPPER_PREFIX = "m."  # export.FlatCacheDecoder keeps the model as ``self.m``
 
 
 class SafetensorsWeights:
@@ -158,7 +156,7 @@ def trace(config, progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dic
     import transformers
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from graphkit.export import _dynamo_program, _wrapper, sample_inputs
+    from graphkit.tracing import WRAPPER_PREFIX, dynamo_program, flat_cache_wrapper, sample_inputs
     transformers.logging.set_verbosity_error()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, warnings.catch_warnings():
@@ -171,7 +169,7 @@ def trace(config, progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dic
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with torch.no_grad():
-            prog = _dynamo_program(_wrapper(model), args, config.num_hidden_layers, optimize=False)
+            prog = dynamo_program(flat_cache_wrapper(model), args, config.num_hidden_layers, optimize=False)
     except GraphkitError:
         raise
     except Exception as exc:
@@ -183,7 +181,7 @@ def trace(config, progress: Callable[[str], None]) -> tuple[onnx.ModelProto, dic
         raw = getattr(value.const_value, "raw", None)
         if not isinstance(raw, FakeTensor):
             continue
-        key = name.removeprefix(_WRAPPER_PREFIX)
+        key = name.removeprefix(WRAPPER_PREFIX)
         if key in real_buffers:
             value.const_value = ir.tensor(real_buffers[key], name=name)
             continue
@@ -266,8 +264,9 @@ def export_streaming(model_dir: Path, output: Path, adapter_dir: Path | None = N
     """Trace without weights, then write ``output`` (+ external data chunks) tensor by tensor, atomically."""
     import transformers
 
-    from graphkit.export import _finalize
-    from graphkit.modelio import DEFAULT_CHUNK_BYTES, ExternalDataWriter, atomic_output_dir, check_model
+    from graphkit.modelio import DEFAULT_CHUNK_BYTES, ExternalDataWriter, atomic_output_dir, check_model, move_into_place
+    from graphkit.tensors import set_external
+    from graphkit.tracing import finalize
     step = progress or (lambda msg: None)
     _offline_env()
     t0 = time.perf_counter()
@@ -288,7 +287,7 @@ def export_streaming(model_dir: Path, output: Path, adapter_dir: Path | None = N
         if foreign:
             raise GraphkitError(f"{adapter_dir}: cannot merge adapter: the adapter targets modules this base model "
                                 f"does not have ({', '.join(foreign[:3])})")
-    _finalize(proto, config, "dynamo")
+    finalize(proto, config, "dynamo")
     meta = proto.metadata_props.add()
     meta.key, meta.value = "graphkit.weights", "streamed"
 
@@ -312,10 +311,7 @@ def export_streaming(model_dir: Path, output: Path, adapter_dir: Path | None = N
                 t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(arr.shape))
                 location, offset, length = writer.write(arr)
                 del arr
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
+                set_external(t, location, offset, length)
                 proto.graph.initializer.append(t)
         finally:
             writer.close()
@@ -323,16 +319,8 @@ def export_streaming(model_dir: Path, output: Path, adapter_dir: Path | None = N
         with open(onnx_tmp, "wb") as fh:
             fh.write(proto.SerializeToString())
         check_model(proto)  # external weights stand aside as inputs (graph_skeleton): files not opened
-        stale = [p for p in output.parent.glob(output.name + "_data*") if p.is_file()]
-        output.unlink(missing_ok=True)
-        for p in stale:
-            p.unlink()
-        files = []
-        for f in writer.files:
-            os.replace(f, output.parent / f.name)
-            files.append(output.parent / f.name)
-        os.replace(onnx_tmp, output)
-    return {"output": str(output), "files": [str(output)] + [str(f) for f in files], "exporter": "dynamo-streaming",
+        files = move_into_place([onnx_tmp] + writer.files, output)
+    return {"output": str(output), "files": [str(f) for f in files], "exporter": "dynamo-streaming",
             "total_s": round(time.perf_counter() - t0, 2), "num_layers": config.num_hidden_layers,
             "weights": len(recipes)}
 

@@ -12,6 +12,7 @@ the proto (keeping it in memory for good) and reads relative locations from the 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +48,74 @@ def nbytes(t: TensorProto) -> int:
 
 
 def _shape_nbytes(t: TensorProto) -> int:
-    count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    return expected_nbytes(t) or 0
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto in the model: initializers, Constant attributes, subgraphs."""
+    def walk(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+    yield from walk(model.graph)
+
+
+# Sub-byte element types stored packed: elements per byte. Other sub-byte types (float6) have no
+# fixed byte size we check.
+_PACKED = {getattr(TensorProto, n): per for n, per in (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2),
+                                                       ("INT2", 4), ("UINT2", 4)) if hasattr(TensorProto, n)}
+_UNSIZED = {TensorProto.UNDEFINED, TensorProto.STRING} | {
+    getattr(TensorProto, n) for n in ("FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
+
+
+def expected_nbytes(tensor: TensorProto) -> int | None:
+    if tensor.data_type in _UNSIZED:
+        return None
     try:
-        return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     except Exception:
-        return 0
+        return None
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if tensor.data_type in _PACKED:
+        per = _PACKED[tensor.data_type]
+        return (count + per - 1) // per
+    return count * np.dtype(np_dtype).itemsize
+
+
+def restore_external(t: TensorProto, entries: list) -> None:
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for e in entries:
+        new = t.external_data.add()
+        new.key, new.value = e.key, e.value
+
+
+def clear_typed_data(t: TensorProto) -> None:
+    for fld in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(fld)
+
+
+def set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    clear_typed_data(tensor)
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = k, v
 
 
 def read_bytes(t: TensorProto) -> bytes:
     """The tensor's raw little-endian bytes (read from disk for a lazy external tensor)."""
     if is_external(t):
-        path, offset, length = _external_span(t)
+        path, offset, length = external_span(t)
         with open(path, "rb") as fh:
             fh.seek(offset)
             data = fh.read(length)
@@ -81,7 +139,7 @@ def array(t: TensorProto) -> np.ndarray:
             loaded.data_location = TensorProto.DEFAULT
             loaded.raw_data = read_bytes(t)
             return numpy_helper.to_array(loaded)
-        path, offset, length = _external_span(t)
+        path, offset, length = external_span(t)
         count = length // np.dtype(dtype).itemsize
         arr = np.fromfile(path, dtype=dtype, count=count, offset=offset)
         if arr.size != count:
@@ -93,7 +151,7 @@ def array(t: TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
-def _external_span(t: TensorProto) -> tuple[str, int, int]:
+def external_span(t: TensorProto) -> tuple[str, int, int]:
     info = external_info(t)
     location = info.get("location", "")
     if not os.path.isabs(location):
@@ -106,7 +164,6 @@ def _external_span(t: TensorProto) -> tuple[str, int, int]:
 
 def make_lazy(model: onnx.ModelProto, base_dir: Path) -> None:
     """Make every external location absolute so tensors can be read without knowing the folder."""
-    from graphkit.modelio import iter_tensors
     base = Path(base_dir).resolve()
     for t in iter_tensors(model):
         if is_external(t):
@@ -184,10 +241,7 @@ def new_tensor(arr: np.ndarray, name: str) -> TensorProto:
     spill = _spill_stack[-1]
     offset, length = spill.write(arr)
     t = TensorProto(name=name, data_type=_NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
-    t.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", str(spill.path)), ("offset", str(offset)), ("length", str(length))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
+    set_external(t, str(spill.path), offset, length)
     return t
 
 

@@ -23,10 +23,15 @@ HARNESS = Path(__file__).resolve().parents[1] / "tests" / "js"
 NEAR_TIE = 0.05
 
 
-def run_client(folder: Path, dtype: str, messages: list, new_tokens: int, client: str = "node",
+def run_client(folder: Path, dtype: str | list[str], messages: list, new_tokens: int, client: str = "node",
                device: str | None = None, screenshot: Path | None = None, timeout_s: int = 600,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, adapter: str = "default") -> dict:
+    """Greedy generation in Transformers.js. A list of dtypes runs them all in one process/page (the result then
+    has ``by_dtype``). ``adapter="lavapipe"`` (device webgpu): Mesa lavapipe from build/lavapipe
+    (tests/js/webgpu_route.mjs); the harness fails unless the adapter has shader-f16 and subgroup size 8."""
     script = HARNESS / ("generate_node.mjs" if client == "node" else "generate_browser.mjs")
+    if not isinstance(dtype, str):
+        dtype = ",".join(dtype)
     if not (HARNESS / "node_modules" / "@huggingface" / "transformers").is_dir():
         raise GraphkitError(f"{HARNESS}: Transformers.js is not installed; run `bash scripts/setup.sh`")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
@@ -40,6 +45,8 @@ def run_client(folder: Path, dtype: str, messages: list, new_tokens: int, client
             cmd += ["--screenshot", str(screenshot)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if adapter != "default":
+        cmd += ["--adapter", adapter]
     return _run_harness(cmd, Path(prompts), timeout_s, f"Transformers.js ({client}, {dtype})")
 
 
@@ -100,24 +107,28 @@ def compare_tokens(reference, client_results: list[dict]) -> list[TokenCompariso
 
 def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages: list, prompt_ids: list[list[int]],
                    new_tokens: int, eos: list[int], screenshots: Path | None = None, progress=None) -> list[dict]:
-    """Run each dtype on each browser device; one row per (device, dtype): pass / fail / skipped."""
+    """Run each dtype on each browser device; one row per (device, dtype): pass / fail / skipped. A device
+    ``webgpu:lavapipe`` runs WebGPU on Mesa lavapipe (shader-f16, subgroup size 8; ``run_client``)."""
     step = progress or (lambda msg: None)
     rows = []
-    for device in devices:
+    for device_spec in devices:
+        device, _, adapter = device_spec.partition(":")
+        adapter = adapter or "default"
         for dtype in dtypes:
             if not variant_path(folder, dtype).exists():
                 continue
-            step(f"chromium {device} {dtype}")
-            shot = screenshots / f"chromium-{device}-{dtype}.png" if screenshots else None
-            row = {"device": device, "dtype": dtype, "status": "fail", "detail": ""}
+            step(f"chromium {device_spec} {dtype}")
+            shot = screenshots / f"chromium-{device}-{adapter}-{dtype}.png" if screenshots else None
+            row = {"device": device_spec, "dtype": dtype, "status": "fail", "detail": ""}
             try:
-                res = run_client(folder, dtype, messages, new_tokens, "chromium", device=device, screenshot=shot)
+                res = run_client(folder, dtype, messages, new_tokens, "chromium", device=device, screenshot=shot,
+                                 adapter=adapter)
             except GraphkitError as exc:
                 row["detail"] = str(exc)
                 rows.append(row)
                 continue
             if res.get("error"):
-                if device == "webgpu" and res.get("shader_f16") is False and "f16" in str(res["error"]):
+                if device == "webgpu" and adapter == "default" and res.get("shader_f16") is False and "f16" in str(res["error"]):
                     row.update(status="skipped", detail="adapter has no shader-f16: " + str(res["error"])[:160])
                 else:
                     row["detail"] = str(res["error"])[:300]
@@ -131,7 +142,7 @@ def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages
                                if c.margin_at_divergence is not None else f"diverges at {c.first_divergence}" for c in comps)
             if not ok and device == "webgpu":
                 detail += _webgpu_gqa_hint(variant_path(folder, dtype), res.get("adapter"), prompt_ids)
-            row.update(status="pass" if ok else "fail", detail=detail,
+            row.update(status="pass" if ok else "fail", detail=detail, adapter=res.get("adapter"),
                        decode_ms_per_token=[r.get("decode_ms_per_token") for r in res["results"]])
             rows.append(row)
     return rows
@@ -168,12 +179,13 @@ def tensors_to_json(feeds: dict[str, np.ndarray]) -> dict:
 
 
 def run_model(model: Path, feeds: dict[str, np.ndarray], device: str = "webgpu", timeout_s: int = 600,
-              hide_features: tuple[str, ...] = ()) -> dict:
+              hide_features: tuple[str, ...] = (), adapter: str = "default") -> dict:
     """Run one ONNX file once in Transformers.js's runtimes: onnxruntime-web in headless Chromium (``webgpu`` or
     ``wasm``) or onnxruntime-node (``node``). Returns ``{"outputs": {name: array}, "adapter": ..., ...}``.
 
     For node-by-node comparisons with Python onnxruntime (expose intermediate tensors as graph outputs first).
-    ``hide_features`` (webgpu): adapter features hidden from onnxruntime-web, e.g. ``("subgroups",)``."""
+    ``hide_features`` (webgpu): adapter features hidden from onnxruntime-web, e.g. ``("subgroups",)``;
+    ``adapter="lavapipe"`` (webgpu): Mesa lavapipe (shader-f16, subgroup size 8), see ``run_client``."""
     import base64
     if not (HARNESS / "node_modules" / "@huggingface" / "transformers").is_dir():
         raise GraphkitError(f"{HARNESS}: Transformers.js is not installed; run `bash scripts/setup.sh`")
@@ -185,6 +197,8 @@ def run_model(model: Path, feeds: dict[str, np.ndarray], device: str = "webgpu",
            "--device", device, "--timeout-s", str(max(timeout_s - 20, 10))]
     if hide_features:
         cmd += ["--hide-features", ",".join(hide_features)]
+    if adapter != "default":
+        cmd += ["--adapter", adapter]
     data = _run_harness(cmd, Path(feeds_path), timeout_s, f"{model}: ort_run ({device})")
     if "error" in data:
         raise GraphkitError(f"{model}: onnxruntime ({device}) failed: {data['error']}")

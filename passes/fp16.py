@@ -81,7 +81,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import KV_PREFIXES, LOGITS
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -275,10 +275,12 @@ class Fp16Pass(GraphPass):
     """Convert float32 to float16; norm variance, softmax, rotary and masks stay float32 (see module doc)."""
 
     name = "fp16"
-    tolerance = ("float16 rounding: each fp16 op adds relative error up to 2^-11 (~4.9e-4), compounding over "
-                 "layers (tiny random-weight Qwen2, init 0.2: logits max |diff| ~0.4% of their range, top-1 equal "
-                 "at all 92 tested positions; tests allow 1%); islands (norm variance, softmax, rotary, masks) "
-                 "stay float32; on a trained model greedy tokens are expected to equal fp32")
+    tolerance = Tolerance("top1", 1.0, "the fp32 graph",
+                          "greedy tokens equal fp32 on the shipped model; float16 rounding: each fp16 op adds relative "
+                          "error up to 2^-11 (~4.9e-4), compounding over layers (tiny random-weight Qwen2, init 0.2: "
+                          "logits max |diff| ~0.4% of their range; tests allow 1%); islands (norm variance, softmax, "
+                          "rotary, masks) stay float32")
+    mutates_input = False
 
     Options = Fp16Options
 

@@ -79,11 +79,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import GraphkitError, PassNotApplicable
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import ATTENTION_MASK, BATCH, PAST_SEQUENCE, POSITION_IDS, SEQUENCE, TOTAL_SEQUENCE
 from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
                             node_label, remove_unused, toposort)
-from passes.fuse_rotary import tensor_nbytes
+from passes._evaluate import cone_walk, run_nodes, tensor_nbytes
 
 _WORLD = dict(b=2, s=3, p=2)            # the batch used for the numeric checks (row 0 left-padded by 1)
 _MAX_CONE_NODES = 400
@@ -149,43 +149,10 @@ class _Evaluator:
                 return None
         return out
 
-    def _walk(self, roots: list[str], stop: set[str]):
-        """Nodes computing ``roots`` by value; inputs of Shape nodes are not followed but returned."""
-        gi = self.gi
-        seen: set[str] = set()
-        nodes: dict[int, onnx.NodeProto] = {}
-        leaves: set[str] = set()
-        shape_refs: set[str] = set()
-        stack = list(roots)
-        while stack:
-            t = stack.pop()
-            if not t or t in seen:
-                continue
-            seen.add(t)
-            if t in stop or (t in gi.inits and t not in gi.overridable):
-                continue
-            p = gi.producer.get(t)
-            if p is None:
-                leaves.add(t)
-                continue
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in p.attribute):
-                return None
-            if id(p) in nodes:
-                continue
-            nodes[id(p)] = p
-            if len(nodes) > _MAX_CONE_NODES:
-                return None
-            if p.op_type == "Shape" and p.domain in ONNX_DOMAINS:
-                shape_refs.add(p.input[0])
-            else:
-                stack.extend(p.input)
-        return nodes, leaves, shape_refs, seen
-
     def run(self, targets: list[str], roles: dict[str, np.ndarray]) -> list[np.ndarray] | None:
         """Evaluate ``targets`` from ``roles`` + the world's graph inputs. A tensor read only through
         ``Shape`` (e.g. the embedding output, whose shape the mask code reads) is fed as zeros of its
         inferred shape instead of being computed from the model's weights."""
-        import onnxruntime as ort
         gi = self.gi
         if self.world is None:
             return None
@@ -193,7 +160,7 @@ class _Evaluator:
         feeds.update(roles)
         roots = list(targets)
         for _ in range(8):
-            w = self._walk(roots, set(feeds))
+            w = cone_walk(gi, roots, set(feeds), through_shape=False, max_nodes=_MAX_CONE_NODES)
             if w is None:
                 return None
             nodes_d, leaves, shape_refs, seen = w
@@ -219,19 +186,7 @@ class _Evaluator:
             return None  # reads model weights: not shape plumbing
         if any(n.domain not in ONNX_DOMAINS for n in nodes):
             return None
-        inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), None)
-                  for k, v in feeds.items() if k in used and k not in targets]
-        g = helper.make_graph(nodes, "cone", inputs, [onnx.ValueInfoProto(name=t) for t in targets], inits)
-        m = helper.make_model(g, opset_imports=list(gi.model.opset_import))
-        m.ir_version = gi.model.ir_version
-        try:
-            so = ort.SessionOptions()
-            so.log_severity_level = 4
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            return sess.run(targets, {k: v for k, v in feeds.items() if k in used and k not in targets})
-        except Exception:
-            return None
+        return run_nodes(gi, nodes, targets, feeds, used - set(targets), inits)
 
 
 def _scalar_fit(got: np.ndarray, ref: np.ndarray) -> float | None:
@@ -283,8 +238,11 @@ class _Attn:
 class FuseGqaPass(GraphPass):
     name = "fuse-gqa"
     Options = FuseGqaOptions
-    tolerance = ("logits within 1e-5 of the unfused graph (float32; same softmax over the same scores); "
-                 "present KV bit-identical; padding=seqlens exact only without left padding")
+    tolerance = Tolerance("max_abs", 1e-4, "the unfused graph",
+                          "float32, same softmax over the same scores; present KV bit-identical; padding=seqlens exact "
+                          "only without left padding")
+    mutates_input = True
+    after = "fuse-rotary"  # q/k must come from RotaryEmbedding
 
     def validate_options(self) -> None:
         if self.options.padding not in ("seqlens", "bias"):
@@ -558,16 +516,16 @@ class FuseGqaPass(GraphPass):
         return gi, found, why
 
     # ------------------------------------------------------------------ contract
-    def requires(self, model: onnx.ModelProto) -> None:
-        _, found, why = self._plan(model)
+    def match(self, model: onnx.ModelProto):
+        plan = self._plan(model)
+        _, found, why = plan
         if not found:
             detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
             raise PassNotApplicable("no KV-cache attention block to fuse into GroupQueryAttention" + detail)
+        return plan
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        gi, found, why = self._plan(model)
-        if not found:
-            return PassResult(model, False, "no attention pattern", {"fused": 0})
+    def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
+        gi, found, why = plan
         g = model.graph
         before = len(g.node)
         taken = gi.taken_names()
@@ -617,14 +575,13 @@ class FuseGqaPass(GraphPass):
         remove_unused(model, seeds)
         toposort(model)
         ensure_opset(model, MS_DOMAIN)
-        self._created = created
         a0 = found[0]
         details = {"fused": len(found), "num_heads": a0.num_heads, "kv_num_heads": a0.kv_heads,
                    "head_dim": a0.head_dim, "scale": a0.scale, "padding": self.options.padding,
                    "nodes_before": before, "nodes_after": len(g.node), "not_fused": why}
         summary = (f"{len(found)} attention blocks -> GroupQueryAttention (heads {a0.num_heads}/{a0.kv_heads}, "
                    f"head_dim {a0.head_dim}, padding={self.options.padding}); nodes {before} -> {len(g.node)}")
-        return PassResult(model, True, summary, details)
+        return PassResult(model, True, summary, details, created=set(created))
 
     def _mask_subgraph(self, dtype: int, fresh):
         """seqlens_k [B] int32, total_sequence_length scalar int32 (and attention_bias) from attention_mask."""
@@ -683,5 +640,6 @@ class FuseGqaPass(GraphPass):
             ]
         return nodes, inits, seqlens, total, bias
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        check_rewrite(model, set(getattr(self, "_created", [])), "fuse-gqa", "GroupQueryAttention node")
+    def postconditions(self, result: PassResult) -> None:
+        model = result.model
+        check_rewrite(model, result.created, "fuse-gqa", "GroupQueryAttention node")

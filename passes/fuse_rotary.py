@@ -46,74 +46,10 @@ from onnx import TensorProto, helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
+from passes._evaluate import cone, evaluate
 from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
                             node_label, other_input, remove_unused, toposort)
-
-
-# ============================================================================ evaluating a cone
-def cone(gi: GraphIndex, targets: list[str], stop: set[str]) -> tuple[list[onnx.NodeProto], set[str]] | None:
-    """Nodes computing ``targets`` from ``stop`` tensors and constants; also returns the graph inputs
-    reached (outside ``stop``). None if the cone holds a node with a subgraph."""
-    seen: set[str] = set()
-    nodes: dict[int, onnx.NodeProto] = {}
-    leaves: set[str] = set()
-    stack = list(targets)
-    while stack:
-        t = stack.pop()
-        if not t or t in seen:
-            continue
-        seen.add(t)
-        if t in stop or (t in gi.inits and t not in gi.overridable):
-            continue
-        p = gi.producer.get(t)
-        if p is None:
-            leaves.add(t)
-            continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in p.attribute):
-            return None
-        if id(p) not in nodes:
-            nodes[id(p)] = p
-            stack.extend(p.input)
-    return sorted(nodes.values(), key=lambda n: gi.index[id(n)]), leaves
-
-
-def evaluate(gi: GraphIndex, targets: list[str], feeds: dict[str, np.ndarray], max_nodes: int = 400,
-             max_init_bytes: int = 1 << 20) -> list[np.ndarray] | None:
-    """Run the cone of ``targets`` over ``feeds`` (which must be all it depends on besides constants)
-    with onnxruntime; None when the cone reads anything else, is larger than ``max_nodes`` or reads
-    more than ``max_init_bytes`` of initializers (model weights: not a small helper computation),
-    or does not run."""
-    import onnxruntime as ort
-    c = cone(gi, targets, set(feeds))
-    if c is None:
-        return None
-    nodes, leaves = c
-    if leaves or len(nodes) > max_nodes:
-        return None
-    used = {i for n in nodes for i in n.input if i} | set(targets)
-    inits = [gi.inits[k] for k in used if k in gi.inits]
-    if sum(tensor_nbytes(t) for t in inits) > max_init_bytes:
-        return None
-    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), None)
-              for k, v in feeds.items() if k in used]
-    outputs = [onnx.ValueInfoProto(name=t) for t in targets]
-    g = helper.make_graph(nodes, "cone", inputs, outputs, inits)
-    m = helper.make_model(g, opset_imports=list(gi.model.opset_import))
-    m.ir_version = gi.model.ir_version
-    try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return sess.run(targets, {k: v for k, v in feeds.items() if k in used})
-    except Exception:
-        return None
-
-
-def tensor_nbytes(t: TensorProto) -> int:
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
-    return n * (helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 4)
 
 
 # ============================================================================ the pass
@@ -137,8 +73,10 @@ class _Rotary:
 class FuseRotaryPass(GraphPass):
     name = "fuse-rotary"
     Options = FuseRotaryOptions
-    tolerance = ("q/k after rotary equal the decomposed graph within a few float32 ulps "
-                 "(same cos/sin values, evaluated from the graph's own subgraph)")
+    tolerance = Tolerance("max_abs", 1e-4, "the unfused graph",
+                          "q/k after rotary equal the decomposed graph within a few float32 ulps (same cos/sin values, "
+                          "evaluated from the graph's own subgraph)")
+    mutates_input = True
 
     def validate_options(self) -> None:
         mp = self.options.max_positions
@@ -278,16 +216,16 @@ class FuseRotaryPass(GraphPass):
         return gi, found, why, tables
 
     # ------------------------------------------------------------------ contract
-    def requires(self, model: onnx.ModelProto) -> None:
-        _, found, why, _ = self._plan(model)
+    def match(self, model: onnx.ModelProto):
+        plan = self._plan(model)
+        _, found, why, _ = plan
         if not found:
             detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
             raise PassNotApplicable("no decomposed rotary embedding (x*cos + rotate_half(x)*sin) found" + detail)
+        return plan
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        gi, found, why, tables = self._plan(model)
-        if not found:
-            return PassResult(model, False, "no rotary pattern", {"fused": 0})
+    def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
+        gi, found, why, tables = plan
         g = model.graph
         before = len(g.node)
         taken = gi.taken_names()
@@ -333,16 +271,16 @@ class FuseRotaryPass(GraphPass):
         remove_unused(model, cand)
         toposort(model)
         ensure_opset(model, MS_DOMAIN)
-        self._created = created
         details = {"fused": len(found), "caches": len(caches), "max_positions": self.options.max_positions,
                    "head_dim": int(2 * caches[0][0].shape[1]), "position_input": found[0].positions,
                    "nodes_before": before, "nodes_after": len(g.node), "not_fused": why}
         summary = (f"{len(found)} rotary embeddings -> RotaryEmbedding (cache {self.options.max_positions} x "
                    f"{caches[0][0].shape[1]}, {len(caches)} table pair(s)); nodes {before} -> {len(g.node)}")
-        return PassResult(model, True, summary, details)
+        return PassResult(model, True, summary, details, created=set(created))
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        created = set(getattr(self, "_created", []))
+    def postconditions(self, result: PassResult) -> None:
+        model = result.model
+        created = result.created
         inits = check_rewrite(model, created, "fuse-rotary", "RotaryEmbedding node")
         for n in model.graph.node:
             if n.name in created:

@@ -57,7 +57,7 @@ from onnx import TensorProto, numpy_helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit import tjs_contract as tjs
 
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -214,7 +214,8 @@ class KvRenamePass(GraphPass):
 
     name = "kv-rename"
     Options = KvRenameOptions
-    tolerance = "exact: outputs unchanged (only names and shape metadata change)"
+    tolerance = Tolerance("exact", 0.0, "the graph before the pass", "only names and shape metadata change")
+    mutates_input = False
 
     def validate_options(self) -> None:
         o = self.options
@@ -225,12 +226,11 @@ class KvRenamePass(GraphPass):
         if o.config is not None and not Path(o.config).is_file():
             raise GraphkitError(f"kv-rename: config file {o.config} not found")
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        self._cached = None
+    def match(self, model: onnx.ModelProto) -> Plan:
         plan = self.plan(model)
         if not self._changes(model, plan):
             raise PassNotApplicable("I/O names and dims are already canonical")
-        self._cached = (model, plan)  # reused by call() on the same object
+        return plan
 
     # -------------------------------------------------------------------------------------------
     def plan(self, model: onnx.ModelProto) -> Plan:
@@ -666,10 +666,7 @@ class KvRenamePass(GraphPass):
                 return True
         return False
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        cached = getattr(self, "_cached", None)
-        plan = cached[1] if cached and cached[0] is model else self.plan(model)
-        self._cached = None
+    def rewrite(self, model: onnx.ModelProto, plan: Plan) -> PassResult:
         out = onnx.ModelProto()
         out.CopyFrom(model)
         g = out.graph

@@ -62,7 +62,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
 from passes import _quant
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import LOGITS
 
 QMAX = 127  # symmetric int8 weights use [-127, 127]
@@ -216,13 +216,13 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 class MatMulInt8Pass(GraphPass):
     name = "matmul-int8"
-    tolerance = (
-        "approximate (int8): each rewritten MatMul y = x @ W obeys |y - x@W| <= sum_k |x_k|*s_w[n]/2 "
-        "+ |W_kn|*s_x/2 + s_x*s_w[n]/4, with s_w[n] = max|W[:,n]|/127 (max|W|/127 if per_channel=false) "
-        "and s_x = max|x_row|/127 per token (activations=per-token) or the DynamicQuantizeLinear scale "
-        "(max(x,0)-min(x,0))/255 of the whole tensor (per-tensor); embedding rows (quantize_embedding_gather) "
-        "within max|row|/254. End to end on the shipped example with the defaults: teacher-forced top-1 "
-        "agreement with fp32 >= 0.95 and mean KL < 0.01 nats (docs/q8.md)")
+    tolerance = Tolerance("top1", 0.95, "the fp32 graph",
+                          "and mean KL < 0.01 nats end to end with the defaults (docs/q8.md); each rewritten MatMul "
+                          "y = x @ W obeys |y - x@W| <= sum_k |x_k|*s_w[n]/2 + |W_kn|*s_x/2 + s_x*s_w[n]/4, with "
+                          "s_w[n] = max|W[:,n]|/127 (max|W|/127 if per_channel=false) and s_x = max|x_row|/127 per "
+                          "token (activations=per-token) or the DynamicQuantizeLinear scale (max(x,0)-min(x,0))/255 of "
+                          "the whole tensor (per-tensor); embedding rows (quantize_embedding_gather) within max|row|/254")
+    mutates_input = False
 
     @dataclass
     class Options:

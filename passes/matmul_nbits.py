@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from passes._fusion import MS_DOMAIN, ensure_opset, fresh_name, subgraph_reads, taken_names
 from passes._quant import blob_size, check_finite, k_blocks, quantize_blockwise
 
@@ -124,10 +124,12 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
 class MatMulNBitsPass(GraphPass):
     name = "matmul-nbits"
     Options = MatMulNBitsOptions
-    tolerance = ("weights: |dequant(W) - W| <= step/2 per element, step = |scale| of the block "
-                 "(symmetric: max|W_block| / 2^(bits-1); asymmetric: range / (2^bits - 1)); the few "
-                 "symmetric-mode values clipped on the block's short side are off by <= one step; "
-                 "outputs: equal to x @ dequant(W) (+ bias) up to float accumulation error")
+    tolerance = Tolerance("top1", 0.90, "the fp32 graph",
+                          "weights: |dequant(W) - W| <= step/2 per element, step = |scale| of the block (symmetric: "
+                          "max|W_block| / 2^(bits-1); asymmetric: range / (2^bits - 1)); the few symmetric-mode values "
+                          "clipped on the block's short side are off by <= one step; outputs: equal to x @ dequant(W) "
+                          "(+ bias) up to float accumulation error")
+    mutates_input = True
 
     # ------------------------------------------------------------------ options
     def validate_options(self) -> None:

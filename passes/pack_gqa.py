@@ -50,7 +50,7 @@ import onnx
 from onnx import helper
 
 from graphkit.errors import PassNotApplicable, PostconditionError
-from graphkit.passbase import GraphPass, PassResult
+from graphkit.passbase import GraphPass, PassResult, Tolerance
 from passes._fusion import (MS_DOMAIN, GraphIndex, attr, check_rewrite, fresh_name, node_label, remove_unused,
                             taken_names, toposort)
 
@@ -74,8 +74,11 @@ def _split_sizes(gi: GraphIndex, split: onnx.NodeProto) -> list[int] | None:
 
 class PackGqaPass(GraphPass):
     name = "pack-gqa"
-    tolerance = ("logits within 1e-4 of the graph before the pass (float32, left padding included); present KV "
-                 "within 1e-5 except left-padded rows' keys (rotated by cache index)")
+    tolerance = Tolerance("max_abs", 1e-4, "the graph before the pass",
+                          "float32, left padding included; present KV within 1e-5 except left-padded rows' keys "
+                          "(rotated by cache index)")
+    mutates_input = True
+    after = "fuse-rotary,fuse-gqa(padding=bias),pack-matmul"
 
     def _match(self, gi: GraphIndex, gqa: onnx.NodeProto) -> _Site | str:
         if attr(gqa, "do_rotary", 0):
@@ -135,17 +138,17 @@ class PackGqaPass(GraphPass):
                     sites.append(res)
         return sites, why
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        sites, why = self._plan(model)
+    def match(self, model: onnx.ModelProto):
+        plan = self._plan(model)
+        sites, why = plan
         if not sites:
             detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
             raise PassNotApplicable("no GroupQueryAttention reading a split q/k/v projection through "
                                     "RotaryEmbedding" + detail)
+        return plan
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        sites, why = self._plan(model)
-        if not sites:
-            return PassResult(model, False, "no packable GroupQueryAttention", {"packed": 0})
+    def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
+        sites, why = plan
         before = len(model.graph.node)
         removed = {id(n) for s in sites for n in (s.split, s.rotary_q, s.rotary_k)}
         rewired: dict[int, onnx.NodeProto] = {}
@@ -175,15 +178,17 @@ class PackGqaPass(GraphPass):
         seeds = {x for s in sites for n in (s.split, s.rotary_q, s.rotary_k) for x in n.output}
         remove_unused(model, seeds)
         toposort(model)
-        self._created = {n.name for n in rewired.values()}
+        created = {n.name for n in rewired.values()}
         after = len(model.graph.node)
         details = {"packed": len(sites), "nodes_before": before, "nodes_after": after, "not_packed": why}
         return PassResult(model, True, f"{len(sites)} GroupQueryAttention nodes read packed q/k/v with do_rotary=1 "
-                                       f"(Split + 2 RotaryEmbedding removed each); nodes {before} -> {after}", details)
+                                       f"(Split + 2 RotaryEmbedding removed each); nodes {before} -> {after}", details,
+                          created=created)
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        check_rewrite(model, set(getattr(self, "_created", set())), "pack-gqa", "GroupQueryAttention node")
-        names = getattr(self, "_created", set())
+    def postconditions(self, result: PassResult) -> None:
+        model = result.model
+        check_rewrite(model, result.created, "pack-gqa", "GroupQueryAttention node")
+        names = result.created
         for n in model.graph.node:
             if n.name in names and (attr(n, "do_rotary", 0) != 1 or n.input[1] or n.input[2]):
                 raise PostconditionError(f"pack-gqa: '{n.name}' is not a packed do_rotary GroupQueryAttention")

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from passes._fusion import ONNX_DOMAINS, fresh_name, subgraph_reads, taken_names
 _FLOAT = {TensorProto.FLOAT, TensorProto.FLOAT16}
 
@@ -67,8 +67,10 @@ class PackMatMulPass(GraphPass):
 
     name = "pack-matmul"
     Options = PackMatMulOptions
-    tolerance = ("outputs equal the unpacked graph up to float accumulation order (tests: 1e-5 relative); "
-                 "quantizing afterwards gives byte-identical weights to quantizing each member")
+    tolerance = Tolerance("relative", 1e-5, "the unpacked graph",
+                          "float summation order only; quantizing afterwards gives byte-identical weights to "
+                          "quantizing each member")
+    mutates_input = True
 
     def validate_options(self) -> None:
         o = self.options
@@ -134,14 +136,14 @@ class PackMatMulPass(GraphPass):
         return groups
 
     # ------------------------------------------------------------------ contract
-    def requires(self, model: onnx.ModelProto) -> None:
-        if not self._plan(model):
-            raise PassNotApplicable("no two MatMuls with constant 2-D weights read the same input")
-
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def match(self, model: onnx.ModelProto):
         groups = self._plan(model)
         if not groups:
-            return PassResult(model, False, "nothing to pack", {"groups": 0})
+            raise PassNotApplicable("no two MatMuls with constant 2-D weights read the same input")
+        return groups
+
+    def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
+        groups = plan
         g = model.graph
         inits = {t.name: t for t in g.initializer}
         taken = taken_names(g)
@@ -212,24 +214,23 @@ class PackMatMulPass(GraphPass):
             if g.value_info[i].name not in produced:
                 del g.value_info[i]
         _toposort_check(g)
-        self._created = created
         shapes: dict[str, int] = {}
         for r in report:
             shapes[r] = shapes.get(r, 0) + 1
         return PassResult(model, True,
                           f"{len(groups)} groups packed ({', '.join(f'{c}x [{s}]' for s, c in shapes.items())}); "
                           f"MatMuls {sum(len(ms) for ms in groups)} -> {len(groups)}",
-                          {"groups": len(groups), "shapes": shapes, "removed": removed})
+                          {"groups": len(groups), "shapes": shapes, "removed": removed}, created=set(created))
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        g = model.graph
+    def postconditions(self, result: PassResult) -> None:
+        g = result.model.graph
         available = ({i.name for i in g.input} | {t.name for t in g.initializer}
                      | {o for n in g.node for o in n.output if o})
         missing = [x for n in g.node for x in n.input if x and x not in available and x not in subgraph_reads(g)]
         if missing:
             raise PostconditionError(f"pack-matmul: the rewrite left reads of removed tensors: {sorted(set(missing))[:5]}")
         names = {n.name for n in g.node}
-        lost = [c for c in getattr(self, "_created", []) if c not in names]
+        lost = [c for c in result.created if c not in names]
         if lost:
             raise PostconditionError(f"pack-matmul: {len(lost)} packed node(s) missing from the result")
 

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable
-from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from passes._fusion import MS_DOMAIN, ensure_opset
 from passes._quant import k_blocks, quantize_blockwise
 
@@ -98,8 +98,10 @@ class TiedEmbeddingPass(GraphPass):
 
     name = "tied-embedding"
     Options = TiedEmbeddingOptions
-    tolerance = ("embedding rows and lm_head weight = dequantized E, |Δ| <= |scale|/2 per element "
-                 "(one step on the symmetric short side); outputs equal x @ dequant(E).T and dequant(E)[ids]")
+    tolerance = Tolerance("top1", 0.90, "the fp32 graph",
+                          "embedding rows and lm_head weight = dequantized E, |Δ| <= |scale|/2 per element (one step "
+                          "on the symmetric short side); outputs equal x @ dequant(E).T and dequant(E)[ids]")
+    mutates_input = True
 
     def validate_options(self) -> None:
         o = self.options

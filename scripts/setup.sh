@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Python venv in .venv (torch pinned to the CPU wheel), the Transformers.js
-# test client in tests/js/node_modules, and Debian's Chromium for the browser tests.
+# test client in tests/js/node_modules, Debian's Chromium for the browser tests, and Mesa's lavapipe 25 for
+# WebGPU with shader-f16 (scripts/webgpu/setup_lavapipe.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,5 +29,10 @@ if [ "${GRAPHKIT_SKIP_JS:-0}" != "1" ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+  # WebGPU with shader-f16 on the CPU: Mesa lavapipe 25 from bookworm-backports, extracted into build/lavapipe/
+  # (nothing installed system-wide); records why when it cannot, and the lavapipe tests then fail saying so.
+  if [ "${GRAPHKIT_SKIP_LAVAPIPE:-0}" != "1" ]; then
+    bash scripts/webgpu/setup_lavapipe.sh
   fi
 fi

@@ -11,10 +11,19 @@ size is <= 8 but loads and steps by ``min(sg_size, 16)`` keys, so on an adapter 
 (SwiftShader, Chrome's software adapter, the one this machine has) keys 4..7 of every step are stale:
 every query row after the 4th attends to garbage. It runs for prompts of 32 tokens or more (shorter
 chunks and single-token decode take the split-reduce path, which is right). Real GPUs report subgroup
-sizes of 8 to 128 and are not affected; on this adapter the long-prefill case is an xfail that turns
-into a failure once a Transformers.js update fixes it.
+sizes of 8 to 128; on this adapter the long-prefill case is an xfail that turns into a failure once a
+Transformers.js update fixes it.
+
+Measured on Mesa lavapipe (``webgpu:lavapipe``, subgroup size 8, 2026-12-03): this separate-q/k/v node is wrong
+there too for prefills of 32+ tokens (every query row after the 8th; max error 0.16-0.23 at 32-64 tokens, also
+with the ``subgroups`` feature hidden), so the subgroup-size explanation above is incomplete. The packed form
+that ``--fuse`` writes (``pack-gqa``: packed q/k/v, ``do_rotary=1``) is exact on lavapipe: all five dtypes of the
+``--fuse`` folder equal Python onnxruntime on 68-70-token prompts and ``verify --browser --devices
+webgpu:lavapipe`` passes (test_tjs.py), while the same checks fail on SwiftShader (subgroup size 4).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -113,10 +122,15 @@ def test_reference_matches_python_onnxruntime(gqa_file):
     assert max(errs.values()) < TOL, errs
 
 
-@pytest.mark.parametrize("device", ["node", "wasm", "webgpu"])
+@pytest.mark.parametrize("device", ["node", "wasm", "webgpu", "webgpu:lavapipe"])
 def test_gqa_node_matches_reference(gqa_file, device):
+    """``webgpu:lavapipe`` (Mesa lavapipe, subgroup size 8, scripts/setup.sh): the long prefill must be exact there,
+    which is the evidence that the bug below is specific to subgroup-4 adapters."""
+    if device == "webgpu:lavapipe" and os.environ.get("GRAPHKIT_SKIP_LAVAPIPE") == "1":
+        pytest.skip("GRAPHKIT_SKIP_LAVAPIPE=1: the lavapipe WebGPU route was opted out of (scripts/setup.sh)")
     feeds = _feeds(SHORT + LONG)
-    res = run_model(gqa_file, feeds, device)
+    device, _, adapter = device.partition(":")
+    res = run_model(gqa_file, feeds, device, adapter=adapter or "default")
     errs = _errors(res["outputs"], feeds, SHORT + LONG)
     print(f"{device}: adapter {res.get('adapter')}; max error per case {errs}")
     short = {k: v for k, v in errs.items() if k in {c[0] for c in SHORT}}
@@ -130,4 +144,10 @@ def test_gqa_node_matches_reference(gqa_file, device):
         assert long_err > 0.1, f"onnxruntime-web fixed the subgroup-size-4 prefill bug ({long_err:.2g}): update the caveat"
         pytest.xfail(f"onnxruntime-web WebGPU flash-attention prefill on a subgroup-size-{subgroup} adapter "
                      f"({adapter.get('vendor')}): prefill43 off by {long_err:.2g} (known upstream bug)")
+    if device == "webgpu" and subgroup == 8:
+        # Measured (module docstring): wrong on lavapipe too, in this separate-q/k/v form only.
+        assert long_err > 0.05, f"onnxruntime-web's separate-q/k/v prefill is now right on subgroup 8 ({long_err:.2g}): update the docstring"
+        pytest.xfail(f"onnxruntime-web WebGPU GroupQueryAttention (separate q/k/v) prefill43 off by {long_err:.2g} on "
+                     "the lavapipe adapter (subgroup size 8); the packed form "
+                     "--fuse writes is exact there (test_tjs.py lavapipe tests)")
     assert long_err < TOL, errs

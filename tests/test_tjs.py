@@ -4,11 +4,13 @@ Token ids from Transformers.js must equal our Python onnxruntime greedy loop on 
 (with EOS masked, as `min_new_tokens` does). On WebGPU, kernels round differently: tokens are
 compared strictly, except that a divergence exactly where the Python top-2 margin is a near-tie
 (< graphkit.tjs.NEAR_TIE) is reported instead of failed. f16 dtypes on an adapter without
-`shader-f16` are skipped with that reason.
+`shader-f16` are skipped with that reason. On Mesa lavapipe (scripts/webgpu/setup_lavapipe.sh: shader-f16,
+subgroup size 8) every dtype runs, in Node and Chromium, and the run fails unless it got that adapter.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -136,6 +138,96 @@ def test_fused_variants_in_transformersjs(case, fused, client, device, dtype):
     prompts = prompts[:2] if client == "chromium" else prompts
     result = run_client(fused, dtype, [p["messages"] for p in prompts], NEW_TOKENS, client, device=device)
     _check(fused, prompts, eos, dtype, result)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# WebGPU with shader-f16: Mesa lavapipe 25 (a CPU Vulkan driver), set up by scripts/setup.sh in build/lavapipe/.
+# One process/page per folder runs all five dtypes (shared runtime start-up and shader compilations; Mesa's shader
+# cache in build/lavapipe/shader-cache makes reruns fast). The harness asserts the adapter (shader-f16, subgroup
+# size 8) and fails if the route is missing or another adapter answers; it never falls back to SwiftShader.
+ALL_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
+LAVAPIPE_TOKENS = 16
+
+
+def _lavapipe_requested() -> None:
+    if os.environ.get("GRAPHKIT_SKIP_LAVAPIPE") == "1":
+        pytest.skip("GRAPHKIT_SKIP_LAVAPIPE=1: the lavapipe WebGPU route was opted out of (scripts/setup.sh)")
+
+
+def _assert_lavapipe_adapter(result):
+    adapter = result.get("adapter") or {}
+    assert "shader-f16" in adapter.get("features", []), adapter
+    assert adapter.get("subgroup_min_size") == 8 and adapter.get("subgroup_max_size") == 8, adapter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["node", "chromium"])
+@pytest.mark.parametrize("flavour", ["default", "fuse"])
+def test_lavapipe_webgpu_tokens_equal_python_ort(case, fused, client, flavour):
+    """All five dtypes of the default and the --fuse folder on WebGPU with shader-f16 (Node: onnxruntime-node's
+    Dawn; Chromium: onnxruntime-web): tokens equal Python onnxruntime's on the same file (a divergence only at a
+    near-tie, graphkit.tjs.NEAR_TIE, is reported, as for every WebGPU run). The prompts are 68-70 tokens, so the
+    --fuse folder's GroupQueryAttention runs the flash-attention prefill that is wrong on subgroup-4 adapters."""
+    _lavapipe_requested()
+    folder = case[0] if flavour == "default" else fused
+    _, prompts, eos = case
+    prompts = prompts[:2]
+    result = run_client(folder, ALL_DTYPES, [p["messages"] for p in prompts], LAVAPIPE_TOKENS, client,
+                        device="webgpu", adapter="lavapipe", timeout_s=1200)
+    assert result["returncode"] == 0 and "error" not in result, result.get("error")
+    _assert_lavapipe_adapter(result)
+    failures = []
+    for dtype in ALL_DTYPES:
+        run = result["by_dtype"][dtype]
+        if "error" in run:
+            failures.append(f"{dtype}: {run['error'][:300]}")
+            continue
+        assert [r["prompt_ids"] for r in run["results"]] == [p["prompt_ids"] for p in prompts]
+        ref = python_reference(variant_path(folder, dtype), [p["prompt_ids"] for p in prompts], LAVAPIPE_TOKENS, eos)
+        comps = compare_tokens(ref, run["results"])
+        report = "; ".join("equal" if c.equal else f"diverges at {c.first_divergence} (margin {c.margin_at_divergence})"
+                           for c in comps)
+        print(f"{client}/webgpu-lavapipe/{flavour}/{dtype}: {report}")
+        if not all(c.acceptable for c in comps):
+            failures.append(f"{dtype}: {report}")
+    assert not failures, failures
+
+
+@pytest.mark.slow
+def test_fused_verify_passes_on_subgroup_8(fused):
+    """The counterpart of test_fused_webgpu_on_verify_default_prompts (an xfail on SwiftShader's subgroup size 4):
+    on lavapipe (subgroup size 8) `verify --browser --devices webgpu:lavapipe` passes on the same prompts, so the
+    GroupQueryAttention caveat is specific to subgroup-4 adapters."""
+    _lavapipe_requested()
+    from graphkit.verify import browser_check
+    rows = browser_check(fused, None, 16, ["fp32"], ["webgpu:lavapipe"])
+    assert rows and all(r["status"] == "pass" for r in rows), rows
+    assert all(r["adapter"]["subgroup_min_size"] == 8 and "shader-f16" in r["adapter"]["features"] for r in rows), rows
+
+
+@pytest.mark.parametrize("client", ["node", "chromium"])
+def test_lavapipe_route_fails_on_another_adapter(case, tmp_path, monkeypatch, client):
+    """The guard, with real drivers: a route whose ICD is Chromium's bundled SwiftShader (subgroup size 4, no
+    shader-f16; Node), or whose Chromium still has SwiftShader bundled (Chromium), makes the run fail naming the
+    adapter it got; an unavailable route fails with the set-up's reason. Never a quiet fallback."""
+    route_file = ROOT / "build" / "lavapipe" / "route.json"
+    if not route_file.exists() or json.loads(route_file.read_text()).get("status") != "ready":
+        _lavapipe_requested()
+        pytest.fail(f"lavapipe route not ready ({route_file}): run bash scripts/setup.sh")
+    route = json.loads(route_file.read_text())
+    folder, prompts, _ = case
+    swiftshader = tmp_path / "swiftshader_icd.json"
+    swiftshader.write_text(json.dumps({"file_format_version": "1.0.0",
+                                       "ICD": {"library_path": "/usr/lib/chromium/libvk_swiftshader.so", "api_version": "1.0.5"}}))
+    bad = dict(route, node_icd=str(swiftshader), chromium="/usr/lib/chromium/chromium")
+    (tmp_path / "route.json").write_text(json.dumps(bad))
+    monkeypatch.setenv("GRAPHKIT_LAVAPIPE_ROUTE", str(tmp_path / "route.json"))
+    res = run_client(folder, "q4f16", [prompts[0]["messages"]], 2, client, device="webgpu", adapter="lavapipe")
+    assert res["returncode"] != 0 and "results" not in res
+    assert "lavapipe" in res["error"] and ("subgroup" in res["error"]), res["error"]
+    (tmp_path / "route.json").write_text(json.dumps({"status": "unavailable", "reason": "backports unreachable (test)"}))
+    res = run_client(folder, "q4f16", [prompts[0]["messages"]], 2, client, device="webgpu", adapter="lavapipe")
+    assert res["returncode"] != 0 and "backports unreachable (test)" in res.get("error", ""), res
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,14 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 
 const USAGE = `usage: node bench_tjs.mjs --client node|chromium --model-dir DIR --dtype q8 --prompt-ids ids.json
          [--device cpu|wasm|webgpu] [--new-tokens 32] [--runs 1] [--warmup-tokens 2] [--threads 2]
-         [--timeout-s 900] [--chromium /usr/bin/chromium]
+         [--timeout-s 900] [--chromium /usr/bin/chromium] [--adapter default|lavapipe]
 
   --client         node (onnxruntime-node, device cpu) or chromium (onnxruntime-web, device wasm or webgpu)
   --prompt-ids     JSON list of token ids (the prompt; fed as input_ids with an all-ones attention_mask)
   --threads        node: intraOpNumThreads; chromium: env.backends.onnx.wasm.numThreads (>1 serves the page
                    with COOP/COEP so it is cross-origin isolated, which multi-threaded wasm needs)
+  --adapter        chromium webgpu: default (Chromium's own adapter) or lavapipe (Mesa lavapipe with shader-f16,
+                   webgpu_route.mjs; the page refuses any other adapter)
   --warmup-tokens  new tokens of the untimed warm-up generation (same prompt); 0 = none
   --ops            diagnostics instead of generation: --model-dir holds ops.json ([{name, file, K}]) and one-layer
                    .onnx files; each is run straight in onnxruntime-node / onnxruntime-web (input "A" [M, K]),
@@ -47,7 +49,9 @@ function parse(argv) {
     'timeout-s': { type: 'string', default: '900' },
     chromium: { type: 'string', default: '/usr/bin/chromium' },
     ops: { type: 'boolean', default: false },
+    adapter: { type: 'string', default: 'default' },
   }, USAGE);
+  if (!['default', 'lavapipe'].includes(values.adapter)) throw new UsageError('--adapter must be default or lavapipe');
   const client = values.client;
   if (!['node', 'chromium'].includes(client)) throw new UsageError(`--client must be node or chromium\n\n${USAGE}`);
   const device = values.device ?? (client === 'node' ? 'cpu' : 'wasm');
@@ -75,6 +79,7 @@ function parse(argv) {
     client, device, modelDir, modelId, dtype: values.dtype, promptIds,
     newTokens: int('new-tokens', 2), runs: int('runs', 1), warmupTokens: int('warmup-tokens', 0),
     threads: int('threads', 1), timeoutS: int('timeout-s', 1), chromiumPath: values.chromium, ops: values.ops,
+    adapter: values.adapter,
     opsList: values.ops ? JSON.parse(fs.readFileSync(path.join(modelDir, 'ops.json'), 'utf8')) : null,
   };
 }
@@ -122,6 +127,7 @@ async function benchChromium(a, record) {
   const config = {
     modelId: a.modelId, dtype: a.dtype, device: a.device, threads: a.threads, promptIds: a.promptIds,
     newTokens: a.newTokens, runs: a.runs, warmupTokens: a.warmupTokens, ops: a.opsList,
+    ...(a.adapter === 'lavapipe' ? { expectAdapter: (await import('./webgpu_route.mjs')).EXPECTED } : {}),
   };
   try {
     const { tjsDist, ortDist } = resolvePackages();
@@ -139,7 +145,7 @@ async function benchChromium(a, record) {
     cleanups.push(() => closeServer(server));
     const origin = `http://127.0.0.1:${server.address().port}`;
     record.chromium_version = chromiumVersion(a.chromiumPath);
-    const context = await launchChromium({ executable: a.chromiumPath, device: a.device, cleanups });
+    const context = await launchChromium({ executable: a.chromiumPath, device: a.device, cleanups, adapter: a.adapter });
     const page = context.pages()[0] ?? await context.newPage();
     let fatal = null;
     page.on('console', (m) => log(`console.${m.type()}: ${m.text()}`));
@@ -167,7 +173,7 @@ async function main() {
   routeConsoleToStderr();
   const a = parse(process.argv.slice(2));
   const record = {
-    client: a.client, device: a.device, dtype: a.dtype, model_dir: a.modelDir, prompt_tokens: a.promptIds.length,
+    client: a.client, device: a.device, adapter_route: a.adapter, dtype: a.dtype, model_dir: a.modelDir, prompt_tokens: a.promptIds.length,
     new_tokens: a.newTokens, threads: a.threads,
   };
   let timer;

@@ -149,8 +149,19 @@ export function chromiumVersion(executable) {
 /**
  * Headless Chromium in a fresh profile folder; every host but 127.0.0.1 fails to resolve, so a run is provably
  * offline. `device === 'webgpu'` adds --enable-unsafe-webgpu; GRAPHKIT_CHROMIUM_FLAGS appends more. Registers its own closers on `cleanups`.
+ * `adapter === 'lavapipe'` (webgpu only): the lavapipe route (webgpu_route.mjs) — its Chromium copy, ICD shim and flags.
  */
-export async function launchChromium({ executable, device, cleanups, viewport = null }) {
+export async function launchChromium({ executable, device, cleanups, viewport = null, adapter = 'default' }) {
+  let env;
+  const extra = [];
+  if (adapter === 'lavapipe') {
+    if (device !== 'webgpu') throw new Error(`--adapter lavapipe needs --device webgpu (got ${device})`);
+    const { lavapipeChromium } = await import('./webgpu_route.mjs');
+    const lvp = lavapipeChromium();
+    executable = lvp.executable;
+    extra.push(...lvp.args);
+    env = { ...process.env, ...lvp.env };
+  }
   if (!fs.existsSync(executable)) throw new Error(`Chromium not found at ${executable} (apt-get install -y chromium)`);
   const { chromium } = await import('playwright-core');
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'graphkit-chromium-'));
@@ -160,12 +171,13 @@ export async function launchChromium({ executable, device, cleanups, viewport = 
     '--disable-component-update', '--disable-sync',
     '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',
   ];
-  if (device === 'webgpu') args.push('--enable-unsafe-webgpu');
+  if (device === 'webgpu') args.push('--enable-unsafe-webgpu', ...extra);
   // Diagnostics only (e.g. V8's wasm tiering flags): extra switches, space-separated, appended last.
   if (process.env.GRAPHKIT_CHROMIUM_FLAGS) args.push(...process.env.GRAPHKIT_CHROMIUM_FLAGS.trim().split(/\s+/));
   log(`launching ${executable} ${args.join(' ')}`);
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: executable, headless: true, args, timeout: 60_000, ...(viewport ? { viewport } : {}),
+    ...(env ? { env } : {}),
   });
   cleanups.push(() => Promise.race([context.close(), new Promise((r) => setTimeout(r, 10_000))]));
   return context;

@@ -16,14 +16,17 @@ import {
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 
 const USAGE = `usage: node generate_browser.mjs --model-dir /abs/path/to/folder --prompts prompts.json
-         [--dtype q4] [--device wasm|webgpu] [--max-new-tokens 32] [--threads 1]
+         [--dtype q4|fp32,fp16,...] [--device wasm|webgpu] [--adapter default|lavapipe] [--max-new-tokens 32] [--threads 1]
          [--screenshot out.png] [--timeout-s 300] [--chromium /usr/bin/chromium] [--add-special-tokens]
          [--verbose]
 
   --model-dir           model folder (config.json, tokenizer*.json, onnx/model{_q4,_q4f16,...}.onnx)
   --prompts             JSON list of chat-formatted strings, or of {"messages": [...]} objects
-  --dtype               Transformers.js dtype (default q4)
+  --dtype               Transformers.js dtype (default q4); a comma list runs each in this one page ("by_dtype")
   --device              wasm | webgpu (default wasm); webgpu adds --enable-unsafe-webgpu
+  --adapter             webgpu adapter: default (Chromium's own; SwiftShader on a machine without a GPU) or
+                        lavapipe (Mesa lavapipe 25 with shader-f16, set up by scripts/setup.sh; the page refuses
+                        to run on any other adapter)
   --max-new-tokens      exactly this many tokens are generated per prompt (default 32)
   --threads             env.backends.onnx.wasm.numThreads (default 1); >1 makes the server send
                         COOP/COEP headers so the page is cross-origin isolated (needed for wasm threads)
@@ -37,6 +40,7 @@ async function main() {
   routeConsoleToStderr();
   const args = parseCommon(process.argv.slice(2), {
     device: { type: 'string', default: 'wasm' },
+    adapter: { type: 'string', default: 'default' },
     threads: { type: 'string', default: '1' },
     screenshot: { type: 'string' },
     'timeout-s': { type: 'string', default: '300' },
@@ -46,6 +50,10 @@ async function main() {
   const { values, modelDir, modelId, prompts, maxNewTokens } = args;
   const device = values.device;
   if (!['wasm', 'webgpu'].includes(device)) throw new UsageError(`--device must be wasm or webgpu, got ${device}`);
+  const adapter = values.adapter;
+  if (!['default', 'lavapipe'].includes(adapter)) throw new UsageError(`--adapter must be default or lavapipe, got ${adapter}`);
+  if (adapter === 'lavapipe' && device !== 'webgpu') throw new UsageError('--adapter lavapipe needs --device webgpu');
+  const dtypes = values.dtype.split(',').map((d) => d.trim()).filter(Boolean);
   const threads = Number.parseInt(values.threads, 10);
   if (!Number.isInteger(threads) || threads < 1) throw new UsageError('--threads must be a positive integer');
   const timeoutS = Number(values['timeout-s']);
@@ -66,7 +74,7 @@ async function main() {
     stats: null,
     lastStatus: '(page not loaded)',
     record: {
-      client: 'chromium', dtype: values.dtype, device, model_dir: modelDir, threads_requested: threads,
+      client: 'chromium', dtype: values.dtype, device, adapter_route: adapter, model_dir: modelDir, threads_requested: threads,
     },
   };
 
@@ -97,6 +105,8 @@ async function main() {
     const config = {
       modelId, dtype: values.dtype, device, threads, maxNewTokens, prompts,
       addSpecialTokens: values['add-special-tokens'],
+      ...(dtypes.length > 1 ? { dtypes } : {}),
+      ...(adapter === 'lavapipe' ? { expectAdapter: (await import('./webgpu_route.mjs')).EXPECTED } : {}),
     };
     const server = await startServer({
       coi,
@@ -123,7 +133,7 @@ async function main() {
 
     state.record.chromium_version = chromiumVersion(values.chromium);
     const context = await launchChromium({
-      executable: values.chromium, device, cleanups, viewport: { width: 1000, height: 800 },
+      executable: values.chromium, device, cleanups, viewport: { width: 1000, height: 800 }, adapter,
     });
 
     const external = [];
@@ -167,6 +177,11 @@ async function main() {
     state.record.page_workers = page.workers().length;
     await takeScreenshot(page);
     if (external.length) log(`WARNING: requests to non-local URLs were attempted (blocked): ${external.join(', ')}`);
+    if (adapter === 'lavapipe' && !error) {
+      const { adapterMismatch } = await import('./webgpu_route.mjs');
+      const bad = adapterMismatch(state.record.adapter);
+      if (bad) throw new HarnessError(`lavapipe route requested but Chromium's WebGPU ${bad}`);
+    }
     if (error) throw new HarnessError(`page reported: ${error}`);
     if (!result) throw new HarnessError('page finished without a result');
     return state.record;

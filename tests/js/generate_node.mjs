@@ -4,15 +4,21 @@
 import {
   UsageError, emitJson, fail, log, parseCommon, routeConsoleToStderr,
 } from './cli_common.mjs';
-import { runGeneration } from './harness_core.mjs';
+import { spawnSync } from 'node:child_process';
+import { runDtypes, runGeneration } from './harness_core.mjs';
 
 const USAGE = `usage: node generate_node.mjs --model-dir /abs/path/to/folder --prompts prompts.json
-         [--dtype q4] [--device cpu] [--max-new-tokens 32] [--threads N] [--add-special-tokens]
+         [--dtype q4|fp32,fp16,...] [--device cpu|webgpu] [--adapter default|lavapipe] [--max-new-tokens 32]
+         [--threads N] [--add-special-tokens]
 
   --model-dir           model folder (config.json, tokenizer*.json, onnx/model{_q4,_q4f16,...}.onnx)
   --prompts             JSON list of chat-formatted strings, or of {"messages": [...]} objects
-  --dtype               Transformers.js dtype: fp32 | fp16 | q8 | int8 | uint8 | q4 | q4f16 | bnb4 ... (default q4)
-  --device              Transformers.js device in Node (default cpu)
+  --dtype               Transformers.js dtype: fp32 | fp16 | q8 | int8 | uint8 | q4 | q4f16 | bnb4 ... (default q4);
+                        a comma list runs each in this one process (result "by_dtype")
+  --device              Transformers.js device in Node (default cpu; webgpu = onnxruntime-node's own Dawn)
+  --adapter             with --device webgpu: default (whatever Vulkan driver the system has) or lavapipe (Mesa
+                        lavapipe 25 from build/lavapipe, set up by scripts/setup.sh): the Vulkan loader sees only
+                        it, and the run fails unless it is lavapipe with shaderFloat16 and subgroup size 8
   --max-new-tokens      exactly this many tokens are generated per prompt (default 32)
   --threads             onnxruntime intraOpNumThreads (default: onnxruntime's own default)
   --add-special-tokens  add the tokenizer's special tokens to plain-string prompts (default off)`;
@@ -21,9 +27,31 @@ async function main() {
   routeConsoleToStderr();
   const args = parseCommon(process.argv.slice(2), {
     device: { type: 'string', default: 'cpu' },
+    adapter: { type: 'string', default: 'default' },
     threads: { type: 'string' },
   }, USAGE);
   const { values, modelId, localModelPath, prompts, maxNewTokens } = args;
+  if (!['default', 'lavapipe'].includes(values.adapter)) throw new UsageError(`--adapter must be default or lavapipe, got ${values.adapter}`);
+  if (values.adapter === 'lavapipe' && values.device !== 'webgpu') throw new UsageError('--adapter lavapipe needs --device webgpu');
+  let adapter = null;
+  if (values.adapter === 'lavapipe') {
+    try {
+      const { lavapipeRoute, lavapipeEnv, probeLavapipe } = await import('./webgpu_route.mjs');
+      const route = lavapipeRoute();
+      const env = lavapipeEnv(route, 'node');
+      if (process.env.GRAPHKIT_LAVAPIPE_ACTIVE !== env.GRAPHKIT_LAVAPIPE_ACTIVE) {
+        // The loader paths (LD_LIBRARY_PATH) are read at process start: run this script again in that environment.
+        const child = spawnSync(process.execPath, process.argv.slice(1), { stdio: 'inherit', env: { ...process.env, ...env } });
+        process.exit(child.status ?? 1);
+      }
+      adapter = probeLavapipe(route, env); // throws unless the only Vulkan device is lavapipe with f16 + subgroup 8
+    } catch (e) {
+      await emitJson({ client: 'node', dtype: values.dtype, device: values.device, adapter_route: values.adapter,
+        error: String(e?.message ?? e) });
+      throw e;
+    }
+  }
+  const dtypes = values.dtype.split(',').map((d) => d.trim()).filter(Boolean);
 
   let sessionOptions;
   let threads = null;
@@ -44,7 +72,8 @@ async function main() {
   log(`transformers.js ${env.version}, model ${localModelPath}${modelId}, dtype=${values.dtype}, device=${values.device}`);
   const record = {
     client: 'node', dtype: values.dtype, device: values.device, model_dir: args.modelDir, threads,
-    transformers_version: env.version, node_version: process.version,
+    transformers_version: env.version, node_version: process.version, adapter_route: values.adapter,
+    ...(adapter ? { adapter, shader_f16: adapter.features.includes('shader-f16') } : {}),
   };
   let out;
   try {
@@ -58,9 +87,10 @@ async function main() {
       await materializeW4(path.join(folder, 'onnx', 'model_w4.onnx'));
       record.w4_materialize_ms = performance.now() - t0;
     }
-    out = await runGeneration(T, {
+    out = await (dtypes.length > 1 ? runDtypes : runGeneration)(T, {
       modelId,
       dtype: values.dtype,
+      dtypes,
       device: values.device,
       prompts,
       maxNewTokens,

@@ -176,3 +176,24 @@ export async function runGeneration(T, opts) {
     transformers_version: T.env?.version ?? null,
   };
 }
+
+/**
+ * runGeneration once per dtype (same prompts), in one process or page: a failing dtype is recorded with its
+ * error and the others still run. Returns {by_dtype: {dtype: runGeneration's result | {error}}, errors: n}.
+ * One process for all dtypes shares the runtime start-up and, on lavapipe, the shader compilations.
+ */
+export async function runDtypes(T, opts) {
+  const by_dtype = {};
+  let errors = 0;
+  for (const dtype of opts.dtypes) {
+    const log = opts.log ?? (() => {});
+    try {
+      by_dtype[dtype] = await runGeneration(T, { ...opts, dtype, onResult: (r, i) => opts.onResult?.(r, i, dtype) });
+    } catch (e) {
+      errors += 1;
+      by_dtype[dtype] = { dtype, error: String(e?.message ?? e) };
+      log(`${dtype}: ERROR ${by_dtype[dtype].error}`);
+    }
+  }
+  return { by_dtype, errors };
+}

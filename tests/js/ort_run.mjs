@@ -13,11 +13,13 @@ import {
 } from './cli_common.mjs';
 
 const USAGE = `usage: node ort_run.mjs --model FILE.onnx --feeds FEEDS.json [--device webgpu|wasm|node]
-         [--hide-features subgroups,...] [--timeout-s 600] [--chromium /usr/bin/chromium]
+         [--hide-features subgroups,...] [--adapter default|lavapipe] [--timeout-s 600] [--chromium /usr/bin/chromium]
 
   --hide-features  WebGPU features the page hides from onnxruntime-web (removed from GPUAdapter.features and
                    from requestDevice's requiredFeatures), e.g. subgroups: its kernels then take their
-                   subgroup-free paths`;
+                   subgroup-free paths
+  --adapter        webgpu: default (Chromium's own, SwiftShader here) or lavapipe (webgpu_route.mjs; fails
+                   unless the adapter has shader-f16 and subgroup size 8)`;
 
 const TYPED = {
   float32: Float32Array, float16: Uint16Array, int64: BigInt64Array, int32: Int32Array, int8: Int8Array,
@@ -27,7 +29,7 @@ const TYPED = {
 function parse(argv) {
   const values = parseOptions(argv, {
     model: { type: 'string' }, feeds: { type: 'string' }, device: { type: 'string', default: 'webgpu' },
-    'hide-features': { type: 'string', default: '' },
+    'hide-features': { type: 'string', default: '' }, adapter: { type: 'string', default: 'default' },
     'timeout-s': { type: 'string', default: '600' }, chromium: { type: 'string', default: '/usr/bin/chromium' },
   }, USAGE);
   if (!values.model || !values.feeds) throw new UsageError(`--model and --feeds are required\n\n${USAGE}`);
@@ -68,7 +70,7 @@ async function runChromium(a, feeds) {
     });
     cleanups.push(() => closeServer(server));
     const origin = `http://127.0.0.1:${server.address().port}`;
-    const context = await launchChromium({ executable: a.chromium, device: a.device, cleanups });
+    const context = await launchChromium({ executable: a.chromium, device: a.device, cleanups, adapter: a.adapter });
     const page = context.pages()[0] ?? await context.newPage();
     page.on('console', (m) => log(`console.${m.type()}: ${m.text()}`));
     await page.goto(`${origin}/`);
@@ -130,6 +132,11 @@ async function runChromium(a, feeds) {
       }
     }, { feeds, device: a.device, hide: a['hide-features'] ? a['hide-features'].split(',') : [] });
     if (got.error) throw new HarnessError(`page reported: ${got.error}`);
+    if (a.adapter === 'lavapipe') {
+      const { adapterMismatch } = await import('./webgpu_route.mjs');
+      const bad = adapterMismatch(got.adapter);
+      if (bad) throw new HarnessError(`lavapipe route requested but Chromium's WebGPU ${bad}`);
+    }
     return got;
   } finally {
     await cleanups.run();

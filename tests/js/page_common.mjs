@@ -14,6 +14,8 @@ export async function webgpuInfo() {
       vendor: i.vendor, architecture: i.architecture, device: i.device, description: i.description,
       subgroup_min_size: i.subgroupMinSize ?? null, subgroup_max_size: i.subgroupMaxSize ?? null,
       features: [...adapter.features].sort(),
+      max_storage_buffer_binding_size: adapter.limits?.maxStorageBufferBindingSize ?? null,
+      max_buffer_size: adapter.limits?.maxBufferSize ?? null,
     },
     shader_f16: adapter.features.has('shader-f16'),
   };
@@ -38,6 +40,14 @@ export async function configureTransformers(T, cfg) {
   };
   wasm.numThreads = cfg.threads;
   const gpu = cfg.device === 'webgpu' ? await webgpuInfo() : { available: 'gpu' in navigator, adapter: null, shader_f16: null };
+  const want = cfg.expectAdapter; // {feature, subgroup}: the lavapipe route; never run on another adapter
+  if (want) {
+    const a = gpu.adapter;
+    if (!a || !a.features.includes(want.feature) || a.subgroup_min_size !== want.subgroup || a.subgroup_max_size !== want.subgroup) {
+      throw new Error(`expected the lavapipe WebGPU adapter (${want.feature}, subgroup size ${want.subgroup}) but got `
+        + (a ? `${a.vendor}/${a.architecture}, subgroup sizes ${a.subgroup_min_size}-${a.subgroup_max_size}, features ${a.features.join(' ')}` : 'no adapter'));
+    }
+  }
   return {
     threads_requested: cfg.threads,
     cross_origin_isolated: self.crossOriginIsolated,
