@@ -51,7 +51,7 @@ import _common as C  # noqa: E402
 
 BENCH_JS = C.ROOT / "tests" / "js" / "bench_tjs.mjs"
 FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "q4": "model_q4.onnx", "q4f16": "model_q4f16.onnx",
-         "q8": "model_quantized.onnx"}
+         "q8": "model_quantized.onnx", "w4": "model_w4.onnx"}  # w4: passes/matmul_w4.py (+ model_w4.w4bin, w4.mjs)
 FOLDERS = {"ours": "ours", "ours-fuse": "ours-fuse", "anchor": "anchor-tjs", "proto": "proto-q4i8"}
 CLIENTS = {"node": ["--client", "node"], "wasm": ["--client", "chromium", "--device", "wasm"],
            "webgpu": ["--client", "chromium", "--device", "webgpu"],
@@ -84,6 +84,14 @@ def anchor_folder(base: Path) -> Path:
 def contender_file(base: Path, name: str) -> Path:
     who, dtype = name.split()
     return base / FOLDERS[who] / "onnx" / FILES[dtype]
+
+
+def _download_bytes(path: Path) -> int:
+    """What a client downloads: the .onnx and its data; for w4 the .onnx and its .w4bin (its int8 data file is
+    made on the client, never downloaded)."""
+    if path.name == FILES["w4"]:
+        return path.stat().st_size + path.with_suffix(".w4bin").stat().st_size
+    return C.file_bytes(path)
 
 
 # ------------------------------------------------------------------------------------ agreement (Python child)
@@ -706,7 +714,7 @@ def main() -> None:
               "command": "benchmarks/browser.py " + " ".join(sys.argv[1:]), "clients": clients, "contenders": contenders,
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads,
               "warmup_tokens": a.warmup_tokens, "repeats": a.repeats, "runs": a.runs, "slow_runs": a.slow_runs,
-              "sizes": {n: C.file_bytes(contender_file(base, n)) for n in contenders},
+              "sizes": {n: _download_bytes(contender_file(base, n)) for n in contenders},
               "summary": {k: summarize(rs) for k, rs in runs.items()}, "quality": quality,
               "raw": {k: [{kk: vv for kk, vv in r.items() if kk not in ("stdout", "stderr")} for r in rs]
                       for k, rs in runs.items()}}

@@ -131,6 +131,7 @@ def convert(
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     no_agreement: bool = typer.Option(False, "--no-agreement", help="Skip the agreement-with-fp32 check in the summary."),
     fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
+    logits_to_keep: bool = typer.Option(False, "--logits-to-keep", help="Add the num_logits_to_keep input (Transformers.js 4.x feeds it: a prefill computes lm_head for the last position only). Transformers.js 3.x cannot load such a folder."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
     pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
     calibration: str = typer.Option("self", "--calibration", help="Calibration for the 4-bit dtypes (GPTQ, docs/quantization.md): a JSONL file (the fine-tuning data: {\"messages\": [...]}, {\"text\": ...} or {\"prompt\", \"completion\"} per line); \"self\" (default): sequences the fp32 model samples itself; \"none\": plain round-to-nearest."),
@@ -162,7 +163,7 @@ def convert(
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
                                   progress=progress, pipelines=overrides, calibration=calibration,
                                   calibration_samples=calibration_samples, size_budget=budget,
-                                  target=target_key)
+                                  target=target_key, logits_to_keep=logits_to_keep)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:

@@ -11,6 +11,7 @@ Export once, then run one named pipeline of passes per dtype and write::
     OUT/onnx/model_q4.onnx        q4
     OUT/onnx/model_q4f16.onnx     q4f16
     OUT/onnx/model_quantized.onnx q8 (the browser's wasm default)
+    OUT/onnx/model_w4.onnx        w4 (opt-in: + model_w4.w4bin and OUT/w4.mjs; passes/matmul_w4.py)
 
 Files that would pass 2 GB get external data chunks ``model_X.onnx_data``, ``model_X.onnx_data_1``…
 
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from graphkit.errors import GraphkitError
-from graphkit.tjs_contract import (DTYPE_FILES, FP16_KV_DTYPES, KV_CACHE_DTYPE, ONNX_DIR, TJS_CONFIG,
+from graphkit.tjs_contract import (OUTPUT_FILES as DTYPE_FILES, FP16_KV_DTYPES, KV_CACHE_DTYPE, ONNX_DIR, TJS_CONFIG,
                                    USE_EXTERNAL_DATA)
 
 # dtype → the pass spec that makes it from the fp32 export (empty: the export itself).
@@ -48,8 +49,15 @@ PIPELINES: dict[str, str] = {
     "q4f16": "tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=4),"
              "matmul-nbits(bits=4,block_size=32,accuracy_level=4,method=gptq,calibration={calibration}),fp16",
     "q8": "matmul-int8(quantize_embedding_gather=true)",
+    # not a Transformers.js dtype: model_w4.onnx + model_w4.w4bin, the 4-bit download that wasm runs at q8 speed
+    # once w4.mjs (copied into the folder) expands it (passes/matmul_w4.py, docs/w4.md)
+    "w4": "matmul-w4(block_size=32,symmetric=false)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
+# Where each file is meant to run (RESULTS.md "Transformers.js speed" and docs/w4.md have the measurements):
+# MatMulNBits is fast only where onnxruntime has its native 4-bit GEMM (CPU, WebGPU), never in wasm.
+DEVICE_FOR = {"fp32": "reference (CPU)", "fp16": "WebGPU with shader-f16", "q4": "Node / CPU",
+              "q4f16": "WebGPU", "q8": "wasm (the browser default) and CPU", "w4": "wasm, 4-bit download (w4.mjs)"}
 CALIBRATION_SLOT = "{calibration}"  # replaced by the statistics file convert writes (graphkit/calibration.py)
 SELF_CALIBRATION_SAMPLES = 32       # sequences the fp32 model samples for itself when no data is given
 SELF_CALIBRATION_TOKENS = 96
@@ -69,6 +77,9 @@ TARGET_PIPELINES: dict[str, dict[str, str]] = {
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
+# --logits-to-keep: first in every pipeline (the lm_head is still a float MatMul there); Transformers.js 4.x
+# only (passes/logits_to_keep.py says why it cannot be an optional input that 3.x ignores).
+LOGITS_TO_KEEP_PREFIX = "logits-to-keep"
 
 
 @dataclass
@@ -85,6 +96,7 @@ class DtypeResult:
     error: str | None = None
     pipeline: str | None = None  # the full pass spec that made this file ("" = the export itself)
     agreement_note: str | None = None  # why the agreement check left this file out
+    device: str | None = None  # DEVICE_FOR: where the file is meant to run
     warnings: list[str] | None = None  # browser limits the file breaks (graphkit.browser_limits)
     mixed: dict | None = None  # --size-budget: the weights kept at 8 bits and why (graphkit/mixed.py)
 
@@ -121,10 +133,12 @@ def parse_pipeline_overrides(items: list[str]) -> dict[str, str]:
 
 
 def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, str] | None = None,
-                  target: str | None = None) -> str:
+                  target: str | None = None, logits_to_keep: bool = False) -> str:
     """The pass spec for ``dtype``: ``overrides`` (``--pipeline``), else the target's form (TARGET_PIPELINES), else
-    PIPELINES; after FUSE_PREFIX with --fuse."""
+    PIPELINES; after FUSE_PREFIX with --fuse, after LOGITS_TO_KEEP_PREFIX with --logits-to-keep."""
     spec = (overrides or {}).get(dtype, TARGET_PIPELINES.get(target or "", {}).get(dtype, PIPELINES[dtype]))
+    if logits_to_keep:
+        return ",".join(p for p in (LOGITS_TO_KEEP_PREFIX, pipeline_spec(dtype, fuse, model_dir, overrides, target)) if p)
     if not fuse:
         return spec
     from graphkit.hfmodel import read_json
@@ -186,7 +200,7 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 
 
 # Output size of each dtype relative to the float32 weights (Qwen2.5 0.5B / 1.5B shapes, benchmarks/RESULTS.md).
-SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "q4": 0.16, "q4f16": 0.145, "q8": 0.25}
+SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "q4": 0.16, "q4f16": 0.145, "q8": 0.25, "w4": 0.16}
 
 
 def _check_free_space(model_dir: Path, output: Path, dtypes: list[str]) -> None:
@@ -239,7 +253,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
             progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
             calibration: str | Path | None = "self", calibration_samples: int | None = None,
-            size_budget: float = 1.0, target: str | None = None) -> dict:
+            size_budget: float = 1.0, target: str | None = None, logits_to_keep: bool = False) -> dict:
     from graphkit import browser_limits, tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
@@ -256,6 +270,10 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                             "GroupQueryAttention with an attention_bias input ('has input size 11 not in range [min=7, "
                             "max=9]'), and the form it loads is wrong for left-padded batches; drop --fuse, or target "
                             "transformers.js@4")
+    if logits_to_keep and target == "transformers.js@3":
+        raise GraphkitError("--logits-to-keep with --target transformers.js@3: Transformers.js 3.x does not feed "
+                            "num_logits_to_keep and refuses a graph input it does not feed; drop --logits-to-keep, or "
+                            "target transformers.js@4")
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
     from graphkit.onnx_source import find_onnx_source
@@ -294,7 +312,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
-        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines, target) for d in dtypes}
+        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines, target, logits_to_keep) for d in dtypes}
         if calibration == "none":
             raw_specs = {d: without_calibration(sp) for d, sp in raw_specs.items()}
         if any(CALIBRATION_SLOT in sp for sp in raw_specs.values()):
@@ -332,7 +350,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         reports += more
                     _check_runtimes(model, fname, dtype, target)
                     force_external = True if max_chunk_bytes else None  # None: only above 2 GB
-                    if not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
+                    if dtype == "w4":
+                        from passes.matmul_w4 import save_w4
+                        files = save_w4(model, onnx_dir / fname)
+                        shutil.copyfile(Path(__file__).parent / "js" / "w4.mjs", tmp / "w4.mjs")
+                    elif not names and fname == scratch.name and not max_chunk_bytes and model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
                         files = _link_files(scratch, onnx_dir / fname)  # the export already has this layout
                     else:
                         files = save_model(model, onnx_dir / fname, external_data=force_external, max_chunk_bytes=chunk)
@@ -343,7 +365,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     previous = (names, model, reports) if names and extended_later else None
                     del model
                     release_free_memory()
-                    if len(files) > 1:
+                    if len(files) > 1 and dtype != "w4":  # w4's second file is its .w4bin, not ONNX external data
                         external[fname] = len(files) - 1
                     peak = peak_rss()
                     if dtype == "fp32" and peak is not None and export_peak is not None:
@@ -352,7 +374,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
                                                [r.name.split("(")[0] for r in reports], peak, pipeline=spec,
                                                warnings=limits or None,
-                                               mixed=mixed.get(dtype)))
+                                               mixed=mixed.get(dtype), device=DEVICE_FOR.get(dtype)))
                 except GraphkitError as exc:
                     previous = None
                     for f in onnx_dir.glob(fname + "*"):
@@ -378,7 +400,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
             "onnx_source": str(source) if source is not None else None,
-            "exporter": exporter, "fused": fuse, "target": target, "total_s": round(time.perf_counter() - t_start, 2),
+            "exporter": exporter, "fused": fuse, "target": target, "logits_to_keep": logits_to_keep,
+            "total_s": round(time.perf_counter() - t_start, 2),
             "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "stats"},
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
 
@@ -531,6 +554,8 @@ def render(summary: dict) -> None:
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
         for w in d.get("warnings") or []:
             out.print(f"warning: {d['file']}: {w}", markup=False, soft_wrap=True)
+    out.print("meant for: " + "; ".join(f"{d['dtype']}: {DEVICE_FOR.get(d['dtype'], '-')}" for d in summary["dtypes"] if d["ok"]),
+              markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
     usage = Path(summary["output"]) / "USAGE.md"

@@ -590,6 +590,14 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
     from graphkit.diagnose import folder_diagnoses
     findings += folder_diagnoses(folder, config, tok_cfg)
     models = sorted((folder / "onnx").glob("*.onnx")) if (folder / "onnx").is_dir() else []
+    # graphkit's w4 (passes/matmul_w4.py): its int8 weights are made on the client from the .w4bin, so its
+    # external data file is absent by design; it is no Transformers.js dtype file (graphkit verify checks it)
+    w4 = [p for p in models if p.with_suffix(".w4bin").exists()]
+    models = [p for p in models if p not in w4]
+    for p in w4:
+        findings.append(finding("info", "w4", f"{p.name}: graphkit's 4-bit download ({p.with_suffix('.w4bin').name}), "
+                                "expanded by w4.mjs on the client; not inspected here",
+                                "load it as docs/w4.md shows; `graphkit verify` runs it"))
     if not models:
         loose = sorted(p.name for p in folder.glob("*.onnx"))
         findings.append(finding("error", "no-model", "no onnx/*.onnx" + (f" ({_short(loose)} must move into onnx/)"

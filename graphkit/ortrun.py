@@ -1,7 +1,8 @@
 """Run a Transformers.js-style decoder ONNX file with onnxruntime, the way the client does.
 
 The feeds mirror Transformers.js: ``input_ids``, ``attention_mask``, ``position_ids`` (only if the
-graph declares it; computed as cumsum(mask)-1 with padding set to 1), and an empty past built from
+graph declares it; computed as cumsum(mask)-1 with padding set to 1), ``num_logits_to_keep`` (only if
+the graph declares it: 1 in greedy generation, else 0), and an empty past built from
 the graph's input metadata (``batch_size`` → batch, other symbolic dims → 0) in the declared dtype.
 """
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphkit.tjs_contract import (ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, PAST_RE as _PAST, POSITION_IDS,
-                                   PRESENT_PREFIX, present_to_past)
+from graphkit.tjs_contract import (ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, PAST_RE as _PAST,
+                                   POSITION_IDS, PRESENT_PREFIX, present_to_past)
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -62,8 +63,14 @@ class DecoderRunner:
             past[name] = np.zeros(shape, dtype=_ORT_TYPES[meta.type])
         return past
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> StepOutput:
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray],
+             logits_to_keep: int = 0) -> StepOutput:
+        """One forward pass. ``logits_to_keep`` feeds ``num_logits_to_keep`` where the graph has it
+        (passes/logits_to_keep.py): 0 = logits for every position (Transformers.js's forward), 1 = the
+        last position only (its generate)."""
         feeds = {INPUT_IDS: input_ids.astype(np.int64)}
+        if NUM_LOGITS_TO_KEEP in self.inputs:
+            feeds[NUM_LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
         if ATTENTION_MASK in self.inputs:
             feeds[ATTENTION_MASK] = attention_mask.astype(np.int64)
         if POSITION_IDS in self.inputs:
@@ -84,7 +91,7 @@ class DecoderRunner:
         ids this way, so pass them to reproduce its output."""
         ids = np.array([prompt_ids], dtype=np.int64)
         mask = np.ones_like(ids)
-        out = self.step(ids, mask, self.empty_past(1))
+        out = self.step(ids, mask, self.empty_past(1), logits_to_keep=1)  # as Transformers.js 4.x generate
         generated, step_logits = [], []
         for _ in range(new_tokens):
             last = out.logits[0, -1]
@@ -95,7 +102,7 @@ class DecoderRunner:
             nxt = int(np.argmax(last))
             generated.append(nxt)
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            out = self.step(np.array([[nxt]], np.int64), mask, out.present)
+            out = self.step(np.array([[nxt]], np.int64), mask, out.present, logits_to_keep=1)
         return generated, step_logits
 
     def teacher_forced_logits(self, prompt_ids: list[int], continuation: list[int]) -> np.ndarray:

@@ -28,7 +28,10 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 DECODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
 # Inputs some exporters add that Transformers.js knows how to feed (not KV cache).
-KNOWN_INPUTS = frozenset({*DECODER_INPUTS, "num_logits_to_keep", "use_cache_branch"})
+# num_logits_to_keep: Transformers.js 4.x feeds it (1 in generate) when the graph has it; 3.x never does
+# (passes/logits_to_keep.py).
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
+KNOWN_INPUTS = frozenset({*DECODER_INPUTS, NUM_LOGITS_TO_KEEP, "use_cache_branch"})
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 KV_PREFIXES = (PAST_PREFIX, PRESENT_PREFIX)
@@ -97,6 +100,9 @@ SUFFIX_DTYPE = {"": "fp32", "_fp16": "fp16", "_quantized": "q8", "_int8": "int8"
 DTYPE_SUFFIX = {v: k for k, v in SUFFIX_DTYPE.items()}
 # The dtypes `verify` and `convert` know, in the order they report them → the file Transformers.js loads.
 DTYPE_FILES = {d: f"model{DTYPE_SUFFIX[d]}.onnx" for d in ("fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16", "bnb4")}
+# Every file convert/verify know: DTYPE_FILES plus graphkit's own w4 (passes/matmul_w4.py), which is not a
+# Transformers.js dtype (loaded with model_file_name "model_w4" after w4.mjs expands model_w4.w4bin).
+OUTPUT_FILES = {**DTYPE_FILES, "w4": "model_w4.onnx"}
 # dtypes whose KV cache is float16 (config.json kv_cache_dtype).
 FP16_KV_DTYPES = frozenset({"fp16", "q4f16"})
 
@@ -112,7 +118,7 @@ def split_file_name(name: str) -> tuple[str, str | None]:
 
 def variant_path(folder: str | Path, dtype: str) -> Path:
     """``folder/onnx/model{suffix}.onnx`` for a dtype of DTYPE_FILES."""
-    return Path(folder) / ONNX_DIR / DTYPE_FILES[dtype]
+    return Path(folder) / ONNX_DIR / OUTPUT_FILES[dtype]
 
 
 # ------------------------------------------------------------------------------------ external data

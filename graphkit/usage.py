@@ -106,6 +106,7 @@ def usage_markdown(folder: Path, dtypes: list[str] | None = None, output: Path |
     src = Path(folder)
     if dtypes is None:
         dtypes = [d for d, f in DTYPE_FILES.items() if (src / "onnx" / f).is_file()]
+    dtypes = [d for d in dtypes if d in DTYPE_FILES]  # Transformers.js dtypes only (w4 loads as docs/w4.md shows)
     targets = folder_targets(src)
     folder = Path(output) if output else src
     code = snippet(folder.name, dtypes, targets)

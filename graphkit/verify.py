@@ -20,11 +20,12 @@ import numpy as np
 
 from graphkit.errors import GraphkitError
 from graphkit.ortrun import DecoderRunner, kl_divergence
-from graphkit.tjs_contract import DTYPE_FILES
+from graphkit.tjs_contract import OUTPUT_FILES as DTYPE_FILES  # + w4 (passes/matmul_w4.py)
 
 # Minimum teacher-forced top-1 agreement with the reference, per dtype. Measured margins are in the
 # README; these are what a variant must reach to ship.
-THRESHOLDS = {"fp32": 0.99, "fp16": 0.95, "q8": 0.90, "int8": 0.90, "uint8": 0.90, "q4": 0.85, "q4f16": 0.85, "bnb4": 0.85}
+THRESHOLDS = {"fp32": 0.99, "fp16": 0.95, "q8": 0.90, "int8": 0.90, "uint8": 0.90, "q4": 0.85, "q4f16": 0.85, "bnb4": 0.85,
+              "w4": 0.85}
 
 
 @dataclass
@@ -101,7 +102,12 @@ def reference_runs(reference, prompts: list[list[int]], new_tokens: int) -> list
 def check_variant(dtype: str, path: Path, runs, threshold: float | None = None) -> VariantReport:
     rep = VariantReport(dtype, path.name, threshold=THRESHOLDS.get(dtype, 0.85) if threshold is None else threshold)
     t0 = time.perf_counter()
+    made = None
     try:
+        if dtype == "w4":  # the int8 bytes w4.mjs makes on the client (passes/matmul_w4.py); not shipped
+            from passes.matmul_w4 import data_file_name, materialize
+            if not (path.parent / data_file_name(path.name)).exists():
+                made = materialize(path)
         runner = DecoderRunner.from_file(path)
         agree, total, kls = 0, 0, []
         for prompt, cont, ref_logits in runs:
@@ -121,6 +127,9 @@ def check_variant(dtype: str, path: Path, runs, threshold: float | None = None) 
         rep.passed = rep.top1_agreement >= rep.threshold and rep.nonfinite == 0
     except Exception as exc:  # a variant that cannot even run is a failed variant, not a crash
         rep.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    finally:
+        if made is not None:
+            made.unlink(missing_ok=True)
     rep.seconds = round(time.perf_counter() - t0, 2)
     return rep
 

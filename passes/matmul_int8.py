@@ -328,6 +328,16 @@ class MatMulInt8Pass(GraphPass):
             found.append(n)
         return found
 
+    # ---------------------------------------------------------------- weight quantizers (hooks)
+    def _quantize_weight(self, w_KN: np.ndarray, per_channel: bool, name: str, q_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """int8 weight and scale for MatMul B; ``q_name`` is the initializer it will be stored as
+        (passes/matmul_w4.py overrides this to start from 4-bit values)."""
+        return quantize_weight(w_KN, per_channel, name=name)
+
+    def _quantize_rows(self, table: np.ndarray, name: str, q_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """int8 embedding table and row scales; see :meth:`_quantize_weight`."""
+        return quantize_rows(table, name)
+
     # ---------------------------------------------------------------- contract
     def requires(self, model: onnx.ModelProto) -> None:
         sites, skipped = self._sites(model)
@@ -361,9 +371,9 @@ class MatMulInt8Pass(GraphPass):
                 tname = gn.input[0]
                 if tname not in table_q:
                     arr = tensors.array(inits[tname])
-                    q, s = quantize_rows(arr, tname)
                     qn = names.make(tname + "_int8")
                     sn = names.make(tname + "_row_scale")
+                    q, s = self._quantize_rows(arr, tname, qn)
                     new_inits += [tensors.new_tensor(q, qn), tensors.new_tensor(s.reshape(-1, 1), sn)]
                     table_q[tname] = (qn, sn, s, inits[tname])
                     del arr
@@ -467,9 +477,9 @@ class MatMulInt8Pass(GraphPass):
                 key = (w.source + ("#T" if w.via_transpose else ""), opt.per_channel)
                 if key not in wq_cache:
                     label = w.source if not w.via_transpose else w.source + "_T"
-                    q, scale = quantize_weight(w.load(), opt.per_channel, name=w.source)
                     qn = names.make(label + "_int8")
                     sn = names.make(label + "_scale")
+                    q, scale = self._quantize_weight(w.load(), opt.per_channel, w.source, qn)
                     new_inits += [tensors.new_tensor(q, qn), tensors.new_tensor(scale, sn)]
                     wq_cache[key] = (qn, sn)
             wqn, wsn = wq_cache[key]

@@ -314,3 +314,13 @@ def test_verify_browser_names_known_problems(converted):
     assert known_problem_note(folder, "q4", "4.3.1", "wasm") == ""
     assert known_problem_note(folder, "q4f16", "3.8.1", "wasm") == ""  # observed in onnxruntime-node only
     assert "matmulnbits-f16-level4" in known_problem_note(folder, "q4f16", "3.8.1", "cpu")
+
+
+def test_logits_to_keep_refused_for_tjs3(tmp_path):
+    """--logits-to-keep adds an input Transformers.js 3.x never feeds: refused up front for a 3.x target, nothing written."""
+    from graphkit.convert import convert
+    from graphkit.errors import GraphkitError
+    out = tmp_path / "out"
+    with pytest.raises(GraphkitError, match="num_logits_to_keep"):
+        convert(ROOT / "graphkit" / "examples" / "epicrisis-tiny" / "base", out, dtypes=["q8"], target="transformers.js@3", logits_to_keep=True)
+    assert not out.exists()

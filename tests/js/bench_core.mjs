@@ -41,11 +41,23 @@ async function timedGenerate(model, T, promptIds, newTokens) {
  */
 export async function runBenchmark(T, opts) {
   const {
-    modelId, dtype, device, promptIds, newTokens, runs = 1, warmupTokens = 2, sessionOptions, log = () => {},
+    modelId, dtype, device, promptIds, newTokens, runs = 1, warmupTokens = 2, log = () => {}, w4ExternalData,
   } = opts;
+  let { sessionOptions } = opts;
   if (!Array.isArray(promptIds) || promptIds.length === 0) throw new Error('promptIds must be a non-empty list');
   const t0 = now();
   const modelOptions = { dtype, device };
+  let w4_expand_ms = null;
+  if (dtype === 'w4') { // graphkit's 4-bit download (harness_core.mjs runGeneration says how it loads)
+    modelOptions.dtype = 'fp32';
+    modelOptions.model_file_name = 'model_w4';
+    if (w4ExternalData) {
+      const t = now();
+      sessionOptions = { ...(sessionOptions ?? {}), externalData: await w4ExternalData() };
+      w4_expand_ms = now() - t;
+      log(`w4: fetched and expanded in ${w4_expand_ms.toFixed(0)} ms`);
+    }
+  }
   if (sessionOptions) modelOptions.session_options = sessionOptions;
   const model = await T.AutoModelForCausalLM.from_pretrained(modelId, modelOptions);
   const load_ms = now() - t0;
@@ -64,7 +76,7 @@ export async function runBenchmark(T, opts) {
     results.push(res);
   }
   try { await model.dispose?.(); } catch { /* ignore */ }
-  return { dtype, device, load_ms, warmup_ms, runs: results, transformers_version: T.env?.version ?? null };
+  return { dtype, device, load_ms, w4_expand_ms, warmup_ms, runs: results, transformers_version: T.env?.version ?? null };
 }
 
 const TYPED = {

@@ -77,6 +77,16 @@ async function main() {
   };
   let out;
   try {
+    if (values.dtype === 'w4') {
+      // onnxruntime-node reads external data from disk: the folder's w4.mjs writes model_w4.onnx_data once
+      const path = await import('node:path');
+      const { pathToFileURL } = await import('node:url');
+      const folder = path.resolve(args.modelDir);
+      const { materializeW4 } = await import(pathToFileURL(path.join(folder, 'w4.mjs')).href);
+      const t0 = performance.now();
+      await materializeW4(path.join(folder, 'onnx', 'model_w4.onnx'));
+      record.w4_materialize_ms = performance.now() - t0;
+    }
     out = await (dtypes.length > 1 ? runDtypes : runGeneration)(T, {
       modelId,
       dtype: values.dtype,

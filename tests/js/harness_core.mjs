@@ -84,12 +84,26 @@ export function marginRecorder(margins) {
 export async function runGeneration(T, opts) {
   const {
     modelId, dtype, device, prompts, maxNewTokens,
-    addSpecialTokens = false, sessionOptions, log = () => {}, onResult = () => {},
+    addSpecialTokens = false, log = () => {}, onResult = () => {}, w4ExternalData,
   } = opts;
+  let { sessionOptions } = opts;
 
   const tLoad0 = now();
   const tokenizer = await T.AutoTokenizer.from_pretrained(modelId);
   const modelOptions = { dtype, device };
+  let w4_expand_ms = null;
+  if (dtype === 'w4') {
+    // graphkit's 4-bit download (passes/matmul_w4.py): onnx/model_w4.onnx loaded as a plain file name; its int8
+    // weights come from the folder's w4.mjs (browser: externalData; Node: the data file it wrote beside it)
+    modelOptions.dtype = 'fp32';
+    modelOptions.model_file_name = 'model_w4';
+    if (w4ExternalData) {
+      const t0 = now();
+      sessionOptions = { ...(sessionOptions ?? {}), externalData: await w4ExternalData() };
+      w4_expand_ms = now() - t0;
+      log(`w4: 4-bit weights fetched and expanded to int8 in ${w4_expand_ms.toFixed(0)} ms`);
+    }
+  }
   if (sessionOptions) modelOptions.session_options = sessionOptions;
   const model = await T.AutoModelForCausalLM.from_pretrained(modelId, modelOptions);
   const load_ms = now() - tLoad0;
@@ -156,6 +170,7 @@ export async function runGeneration(T, opts) {
     device,
     results,
     load_ms,
+    w4_expand_ms,
     gen_ms,
     generation: { ...kwargs, eos_token_id: eos },
     transformers_version: T.env?.version ?? null,
