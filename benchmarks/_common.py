@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -183,16 +184,62 @@ def machine() -> str:
             f"Shared machine: other agents' processes may run; 'others' columns show their CPU use.")
 
 
+RESULTS_INTRO = ("# graphkit benchmarks: results\n\nWritten by the scripts in `benchmarks/` (see `benchmarks/README.md`). "
+                 "One section per measurement, the newest run of it: a rerun replaces its section and moves the old "
+                 "one to `benchmarks/history/YYYY-MM.md` (the month it ran). Ratios are ours / anchor (below 1 = ours "
+                 "smaller or faster for times and sizes), measured within one section's run only.\n")
+
+
+def _sections(text: str) -> list[tuple[str, int, int]]:
+    """(key, start, end) of every ``<!-- BEGIN key -->`` … ``<!-- END key -->`` block, in file order."""
+    out = []
+    for m in re.finditer(r"<!-- BEGIN (\S+) -->", text):
+        end = f"<!-- END {m.group(1)} -->"
+        stop = text.find(end, m.end())
+        if stop >= 0:
+            out.append((m.group(1), m.start(), stop + len(end)))
+    return out
+
+
+def _heading(block: str) -> str | None:
+    m = re.search(r"^## (.+)$", block, re.M)
+    return m.group(1).strip() if m else None
+
+
+def archive_section(block: str, results: Path | None = None) -> Path:
+    """Append a replaced section to ``history/YYYY-MM.md`` beside RESULTS.md (the month in its ``Date:`` line)."""
+    results = results or RESULTS
+    m = re.search(r"Date: (\d{4})-(\d{2})", block)
+    month = f"{m.group(1)}-{m.group(2)}" if m else datetime.date.today().strftime("%Y-%m")
+    path = results.parent / "history" / f"{month}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = "" if path.exists() else (
+        f"# graphkit benchmarks: earlier results, {month}\n\nSections of `RESULTS.md` that a later run of the same "
+        "measurement replaced, in the order they were replaced. Ratios compare only within a section.\n")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{head}\n<!-- replaced {datetime.date.today().isoformat()} -->\n{block.strip()}\n")
+    return path
+
+
 def write_section(key: str, body: str) -> None:
-    """Replace (or append) the ``key`` section of RESULTS.md."""
+    """Replace the ``key`` section of RESULTS.md (the old one moves to ``history/``), or append it.
+
+    ``key`` names the measurement (script, size and group), so a rerun replaces its own section and
+    nobody else's. A heading that another section already has gets `` (key)`` appended: every heading
+    in RESULTS.md names one measurement."""
     begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
-    text = RESULTS.read_text() if RESULTS.exists() else (
-        "# graphkit benchmarks: results\n\nWritten by the scripts in `benchmarks/` (see `benchmarks/README.md`). "
-        "Each section comes from one run of one script; ratios are ours / anchor (below 1 = ours smaller or "
-        "faster for times and sizes).\n")
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    text = RESULTS.read_text() if RESULTS.exists() else RESULTS_INTRO
+    body = body.strip()
+    others = {_heading(text[a:b]) for k, a, b in _sections(text) if k != key}
+    heading = _heading(body)
+    if heading and heading in others:
+        body = body.replace(f"## {heading}", f"## {heading} ({key})", 1)
+    block = f"{begin}\n{body}\n{end}"
+    old = next(((a, b) for k, a, b in _sections(text) if k == key), None)
+    if old:
+        archived = archive_section(text[old[0]:old[1]])
+        text = text[:old[0]] + block + text[old[1]:]
+        log(f"moved the previous '{key}' section to {archived}")
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)

@@ -61,7 +61,7 @@ def resolve_provider(name: str) -> str:
 
 def resolve_model(path: str | Path, dtype: str | None) -> Path:
     """A .onnx file (``dtype`` ignored), or onnx/model{suffix}.onnx of a Transformers.js folder chosen by ``dtype``."""
-    from graphkit.inspect import DTYPE_SUFFIX, split_file_name
+    from graphkit.tjs_contract import DTYPE_SUFFIX, split_file_name
     path = Path(path)
     if not path.exists():
         raise GraphkitError(f"{path}: no such file or folder")

@@ -32,7 +32,8 @@ from pathlib import Path
 import onnx
 
 from graphkit.errors import GraphkitError
-from graphkit.verify import DTYPE_FILES
+from graphkit.tjs_contract import (DTYPE_FILES, FP16_KV_DTYPES, KV_CACHE_DTYPE, ONNX_DIR, TJS_CONFIG,
+                                   USE_EXTERNAL_DATA)
 
 # dtype → the pass spec that makes it from the fp32 export (empty: the export itself).
 PIPELINES: dict[str, str] = {
@@ -51,7 +52,6 @@ DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
-FP16_KV_DTYPES = {"fp16", "q4f16"}
 
 
 @dataclass
@@ -117,14 +117,14 @@ def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], externa
     config = read_json(model_dir / "config.json", "a model folder needs config.json")
     if "head_dim" not in config and config.get("hidden_size") and config.get("num_attention_heads"):
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]  # Transformers.js 3.x qwen3 reads it
-    tjs = dict(config.get("transformers.js_config", {}))
+    tjs = dict(config.get(TJS_CONFIG, {}))
     fp16_kv = {d: "float16" for d in dtypes_written if d in FP16_KV_DTYPES}
     if fp16_kv:
-        tjs["kv_cache_dtype"] = fp16_kv  # read by Transformers.js 3.x–4.1; 4.2+ reads the graph
+        tjs[KV_CACHE_DTYPE] = fp16_kv  # read by Transformers.js 3.x–4.1; 4.2+ reads the graph
     if external:
-        tjs["use_external_data_format"] = external
+        tjs[USE_EXTERNAL_DATA] = external
     if tjs:
-        config["transformers.js_config"] = tjs
+        config[TJS_CONFIG] = tjs
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     gen = model_dir / "generation_config.json"
@@ -208,7 +208,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     external: dict[str, int] = {}
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        onnx_dir = tmp / "onnx"
+        onnx_dir = tmp / ONNX_DIR
         onnx_dir.mkdir()
         scratch = tmp / ".export" / "model.onnx"
         step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")

@@ -20,6 +20,7 @@ from graphkit.errors import GraphkitError
 from graphkit.inspect import (PAST_RE, same_values, all_initializers, all_nodes, dtype_name, external_files, io_entry,
                               shape_str, tensor_array, tensor_nbytes)
 from graphkit.modelio import load_model
+from graphkit.tjs_contract import DECODER_INPUTS, INPUT_IDS, LOGITS, past_to_present
 
 LIST_CAP = 500  # longest node/initializer list kept in the JSON (counts are always complete)
 
@@ -218,7 +219,7 @@ def decoder_compare(sa, sb, prompt_len: int = 8, seed: int = 0) -> dict[str, Any
     da, db = ra.step(nxt, mask2, pa.present), rb.step(nxt, mask2, pb.present)
     outputs = {"logits (prefill)": _maxabs(pa.logits, pb.logits), "logits (decode)": _maxabs(da.logits, db.logits)}
     for name in sorted(da.present.keys() & db.present.keys()):
-        outputs[name.replace("past_key_values.", "present.", 1)] = _maxabs(da.present[name], db.present[name])
+        outputs[past_to_present(name)] = _maxabs(da.present[name], db.present[name])
     la = np.concatenate([pa.logits[0], da.logits[0]])
     lb = np.concatenate([pb.logits[0], db.logits[0]])
     agree = int(np.sum(la.argmax(-1) == lb.argmax(-1))) if la.shape == lb.shape else 0
@@ -274,8 +275,8 @@ def generic_compare(sa, sb) -> dict[str, Any]:
 
 def _is_tjs_decoder(session) -> bool:
     ins = [i.name for i in session.get_inputs()]
-    return ("input_ids" in ins and "logits" in {o.name for o in session.get_outputs()}
-            and all(n in ("input_ids", "attention_mask", "position_ids") or PAST_RE.match(n) for n in ins))
+    return (INPUT_IDS in ins and LOGITS in {o.name for o in session.get_outputs()}
+            and all(n in DECODER_INPUTS or PAST_RE.match(n) for n in ins))
 
 
 def run_compare(a: Path, b: Path) -> dict[str, Any]:

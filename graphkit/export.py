@@ -22,14 +22,10 @@ import onnx
 from graphkit.errors import GraphkitError
 from graphkit.hfmodel import load_causal_lm
 from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, save_model
+from graphkit.tjs_contract import (ATTENTION_MASK, BATCH, INPUT_IDS, KV_PREFIXES, PAST_SEQUENCE, POSITION_IDS, SEQUENCE,
+                                   TOTAL_SEQUENCE, axes_of, io_names)
 
 Exporter = Literal["dynamo", "torchscript"]
-
-
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    kv = [f"{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
-            ["logits"] + [f"present.{n}" for n in kv])
 
 
 def _wrapper(model):
@@ -79,14 +75,7 @@ def sample_inputs(config, batch: int = 2, seq: int = 4, past: int = 3):
 def _export_torchscript(wrapper, args, path: Path, num_layers: int) -> None:
     import torch
     ins, outs = io_names(num_layers)
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-            "position_ids": {0: "batch_size", 1: "sequence_length"},
-            "logits": {0: "batch_size", 1: "sequence_length"}}
-    for n in ins[3:]:
-        axes[n] = {0: "batch_size", 2: "past_sequence_length"}
-    for n in outs[1:]:
-        axes[n] = {0: "batch_size", 2: "total_sequence_length"}
+    axes = {n: dict(axes_of(n)) for n in ins + outs}
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -103,12 +92,12 @@ def _dynamo_program(wrapper, args, num_layers: int, optimize: bool = True):
     import torch
     from torch.export import Dim
     ins, outs = io_names(num_layers)
-    batch = Dim("batch_size", min=1, max=1024)
-    seq = Dim("sequence_length", min=1, max=32768)
-    past = Dim("past_sequence_length", min=0, max=32768)
-    total = Dim("total_sequence_length", min=1, max=65536)
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-              "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers))}
+    batch = Dim(BATCH, min=1, max=1024)
+    seq = Dim(SEQUENCE, min=1, max=32768)
+    past = Dim(PAST_SEQUENCE, min=0, max=32768)
+    total = Dim(TOTAL_SEQUENCE, min=1, max=65536)
+    shapes = {INPUT_IDS: {0: batch, 1: seq}, ATTENTION_MASK: {0: batch, 1: total},
+              POSITION_IDS: {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers))}
     import logging
     import warnings
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -125,23 +114,15 @@ def normalize_io(model: onnx.ModelProto) -> None:
         for idx, name in names.items():
             if idx < len(dims) and not dims[idx].HasField("dim_value"):
                 dims[idx].dim_param = name
-    for vi in model.graph.input:
-        if vi.name in ("input_ids", "position_ids"):
-            set_dims(vi, {0: "batch_size", 1: "sequence_length"})
-        elif vi.name == "attention_mask":
-            set_dims(vi, {0: "batch_size", 1: "total_sequence_length"})
-        elif vi.name.startswith("past_key_values."):
-            set_dims(vi, {0: "batch_size", 2: "past_sequence_length"})
-    for vi in model.graph.output:
-        if vi.name == "logits":
-            set_dims(vi, {0: "batch_size", 1: "sequence_length"})
-        elif vi.name.startswith("present."):
-            set_dims(vi, {0: "batch_size", 2: "total_sequence_length"})
+    for vi in list(model.graph.input) + list(model.graph.output):
+        axes = axes_of(vi.name)
+        if axes:
+            set_dims(vi, axes)
 
 
 def check_static_kv(model: onnx.ModelProto, kv_heads: int, head_dim: int) -> None:
     for vi in list(model.graph.input) + list(model.graph.output):
-        if vi.name.startswith(("past_key_values.", "present.")):
+        if vi.name.startswith(KV_PREFIXES):
             dims = vi.type.tensor_type.shape.dim
             if len(dims) != 4 or dims[1].dim_value != kv_heads or dims[3].dim_value != head_dim:
                 shown = [d.dim_value or d.dim_param for d in dims]
@@ -243,7 +224,29 @@ def _export_to_file(model, exporter: Exporter, path: Path, step) -> None:
         raise GraphkitError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
 
 
+def strip_trace_metadata(model: onnx.ModelProto) -> None:
+    """Drop torch.onnx's per-node debugging metadata (``pkg.torch.onnx.*`` stack traces with absolute source paths
+    and line numbers, ``namespace``): it leaks the converting machine's paths into the shipped files and made the
+    same model's bytes depend on where graphkit is installed."""
+    def strip(props) -> None:
+        keep = [p for p in props if not (p.key.startswith("pkg.torch.") or p.key == "namespace")]
+        if len(keep) != len(props):
+            kept = [(p.key, p.value) for p in keep]
+            del props[:]
+            for k, v in kept:
+                props.add(key=k, value=v)
+    strip(model.graph.metadata_props)  # the ExportedProgram's signature and range constraints
+    for graph in [model.graph] + [f for f in model.functions]:
+        for n in graph.node:
+            strip(n.metadata_props)
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        strip(vi.metadata_props)
+    for t in model.graph.initializer:
+        strip(t.metadata_props)
+
+
 def _finalize(onnx_model: onnx.ModelProto, config, exporter: str) -> onnx.ModelProto:
+    strip_trace_metadata(onnx_model)
     normalize_io(onnx_model)
     check_static_kv(onnx_model, *kv_shape(config))
     onnx_model.producer_name = "graphkit"

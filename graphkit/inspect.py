@@ -19,19 +19,12 @@ from onnx import TensorProto
 from rich.markup import escape
 
 from graphkit.modelio import iter_tensors, load_model
+from graphkit.tjs_contract import (CHUNK_LIMIT, DTYPE_SUFFIX, KNOWN_INPUTS, KV_CACHE_DTYPE, PAST_RE, PRESENT_RE,
+                                   TJS_CONFIG, USE_EXTERNAL_DATA, external_data_pattern, split_file_name)
 
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
-KNOWN_INPUTS = {"input_ids", "attention_mask", "position_ids", "num_logits_to_keep", "use_cache_branch"}
 KV_HINT = re.compile(r"past|present|cache|key|value|kv", re.I)
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-# Transformers.js file suffix → dtype (src/utils/dtypes.js DEFAULT_DTYPE_SUFFIX_MAPPING)
-SUFFIX_DTYPE = {"": "fp32", "_fp16": "fp16", "_quantized": "q8", "_int8": "int8", "_uint8": "uint8",
-                "_q4": "q4", "_q4f16": "q4f16", "_bnb4": "bnb4", "_q2": "q2", "_q2f16": "q2f16",
-                "_q1": "q1", "_q1f16": "q1f16"}
-DTYPE_SUFFIX = {v: k for k, v in SUFFIX_DTYPE.items()}
 RESAVE_FIX = "re-save with `graphkit apply` (any pass) or `graphkit convert`"
-CHUNK_LIMIT = 2_000_000_000
 QUANT_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}
 
 
@@ -425,7 +418,7 @@ def _dim_findings(ins: dict[str, dict], outs: dict[str, dict]) -> list[dict[str,
 def _external_findings(report: dict, path: Path) -> list[dict[str, str]]:
     f = []
     names = [e["name"] for e in report["external_data"]]
-    pat = re.compile(rf"^{re.escape(path.name)}_data(?:_(\d+))?$")
+    pat = external_data_pattern(path.name)
     bad = [n for n in names if not pat.match(n)]
     idx = sorted(int(m.group(1) or 0) for n in names if (m := pat.match(n)))
     if bad or (idx and idx != list(range(len(idx)))) or (idx and 1 in idx and 0 not in idx):
@@ -441,15 +434,6 @@ def _external_findings(report: dict, path: Path) -> list[dict[str, str]]:
         f.append(finding("error", "external-data-missing", f"external data file(s) missing: {_short(missing)}",
                          RESAVE_FIX))
     return f
-
-
-def split_file_name(name: str) -> tuple[str, str | None]:
-    """'model_q4f16.onnx' → ('model', 'q4f16'); unknown suffixes give dtype 'fp32' with the whole stem."""
-    stem = name[:-5] if name.endswith(".onnx") else name
-    for suffix in sorted((s for s in SUFFIX_DTYPE if s), key=len, reverse=True):
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)], SUFFIX_DTYPE[suffix]
-    return stem, "fp32"
 
 
 def _human(dtype: str | None) -> str:
@@ -549,7 +533,7 @@ def _read_json(path: Path, findings: list) -> dict | None:
 
 
 def _external_chunks_declared(tjs: dict, file_name: str) -> Any:
-    value = tjs.get("use_external_data_format")
+    value = tjs.get(USE_EXTERNAL_DATA)
     if isinstance(value, dict):
         return value.get(file_name, value.get(split_file_name(file_name)[0]))
     return value
@@ -581,7 +565,7 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
                                                                           if loose else ""),
                                 "put the model at onnx/model{suffix}.onnx (`graphkit convert` does)"))
     reports = [inspect_model(p, config) for p in models]
-    tjs = (config or {}).get("transformers.js_config") or {}
+    tjs = (config or {}).get(TJS_CONFIG) or {}
     for r in reports:
         name, chunks = Path(r["path"]).name, len(r["external_data"])
         declared = _external_chunks_declared(tjs, name)
@@ -594,7 +578,7 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
                                     "writes it)"))
         kv = _kv_dtype({e["name"]: e for e in r["inputs"]})
         dtype = split_file_name(name)[1]
-        want = tjs.get("kv_cache_dtype")
+        want = tjs.get(KV_CACHE_DTYPE)
         want = want.get(dtype) if isinstance(want, dict) else want
         if kv == "float16" and want != "float16":
             findings.append(finding("warning", "kv-cache-dtype", f"{name} has float16 KV but transformers.js_config "

@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto
 
 from graphkit.errors import GraphkitError
+from graphkit.tjs_contract import external_data_name
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Tensors at least this large go to external data when a model is saved with external data.
@@ -378,7 +379,7 @@ class ExternalDataWriter:
     def _open_chunk(self) -> None:
         self._close_chunk()
         index = len(self.files)
-        name = self.onnx_path.name + "_data" + (f"_{index}" if index else "")
+        name = external_data_name(self.onnx_path.name, index)
         self.files.append(self.onnx_path.parent / name)
         self._fh = open(self.files[-1], "wb")
         self._offset = 0

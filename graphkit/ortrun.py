@@ -7,15 +7,16 @@ the graph's input metadata (``batch_size`` → batch, other symbolic dims → 0)
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from graphkit.tjs_contract import (ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, PAST_RE as _PAST, POSITION_IDS,
+                                   PRESENT_PREFIX, present_to_past)
+
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
 def make_session(path: str | os.PathLike, provider: str = "CPUExecutionProvider", threads: int | None = None,
@@ -45,7 +46,7 @@ class DecoderRunner:
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = sorted((n for n in self.inputs if _PAST.match(n)),
                                  key=lambda n: (int(_PAST.match(n).group(1)), _PAST.match(n).group(2)))
-        if "input_ids" not in self.inputs or "logits" not in {o.name for o in session.get_outputs()}:
+        if INPUT_IDS not in self.inputs or LOGITS not in {o.name for o in session.get_outputs()}:
             raise ValueError("not a Transformers.js decoder: needs input 'input_ids' and output 'logits' "
                              "(run the kv-rename pass first)")
 
@@ -57,24 +58,24 @@ class DecoderRunner:
         past = {}
         for name in self.past_names:
             meta = self.inputs[name]
-            shape = [batch if d == "batch_size" else (d if isinstance(d, int) else 0) for d in meta.shape]
+            shape = [batch if d == BATCH else (d if isinstance(d, int) else 0) for d in meta.shape]
             past[name] = np.zeros(shape, dtype=_ORT_TYPES[meta.type])
         return past
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> StepOutput:
-        feeds = {"input_ids": input_ids.astype(np.int64)}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = attention_mask.astype(np.int64)
-        if "position_ids" in self.inputs:
+        feeds = {INPUT_IDS: input_ids.astype(np.int64)}
+        if ATTENTION_MASK in self.inputs:
+            feeds[ATTENTION_MASK] = attention_mask.astype(np.int64)
+        if POSITION_IDS in self.inputs:
             pos = np.cumsum(attention_mask, axis=1) - 1
             pos[attention_mask == 0] = 1
-            feeds["position_ids"] = pos[:, -input_ids.shape[1]:].astype(np.int64)
+            feeds[POSITION_IDS] = pos[:, -input_ids.shape[1]:].astype(np.int64)
         feeds.update(past)
         out_names = [o.name for o in self.session.get_outputs()]
         values = self.session.run(None, feeds)
         outs = dict(zip(out_names, values))
-        present = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
-        return StepOutput(outs["logits"].astype(np.float32), present)
+        present = {present_to_past(n): v for n, v in outs.items() if n.startswith(PRESENT_PREFIX)}
+        return StepOutput(outs[LOGITS].astype(np.float32), present)
 
     def greedy(self, prompt_ids: list[int], new_tokens: int, suppress: tuple[int, ...] = ()) -> tuple[list[int], list[np.ndarray]]:
         """Greedy ids for exactly ``new_tokens`` steps (no EOS stop) and each step's last logits.

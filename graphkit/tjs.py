@@ -15,7 +15,7 @@ import numpy as np
 
 from graphkit.errors import GraphkitError
 from graphkit.ortrun import DecoderRunner
-from graphkit.verify import DTYPE_FILES
+from graphkit.tjs_contract import variant_path
 
 HARNESS = Path(__file__).resolve().parents[1] / "tests" / "js"
 # Where the Python top-2 logit margin is below this, a GPU kernel may legitimately pick the other
@@ -96,10 +96,6 @@ def compare_tokens(reference, client_results: list[dict]) -> list[TokenCompariso
         margin = margins[div] if div is not None and div < len(margins) else None
         comps.append(TokenComparison(i, div is None, div, margin, margin is not None and margin < NEAR_TIE))
     return comps
-
-
-def variant_path(folder: Path, dtype: str) -> Path:
-    return Path(folder) / "onnx" / DTYPE_FILES[dtype]
 
 
 def browser_matrix(folder: Path, dtypes: list[str], devices: list[str], messages: list, prompt_ids: list[list[int]],

@@ -20,11 +20,8 @@ import numpy as np
 
 from graphkit.errors import GraphkitError
 from graphkit.ortrun import DecoderRunner, kl_divergence
+from graphkit.tjs_contract import DTYPE_FILES
 
-DTYPE_FILES = {
-    "fp32": "model.onnx", "fp16": "model_fp16.onnx", "q8": "model_quantized.onnx", "int8": "model_int8.onnx",
-    "uint8": "model_uint8.onnx", "q4": "model_q4.onnx", "q4f16": "model_q4f16.onnx", "bnb4": "model_bnb4.onnx",
-}
 # Minimum teacher-forced top-1 agreement with the reference, per dtype. Measured margins are in the
 # README; these are what a variant must reach to ship.
 THRESHOLDS = {"fp32": 0.99, "fp16": 0.95, "q8": 0.90, "int8": 0.90, "uint8": 0.90, "q4": 0.85, "q4f16": 0.85, "bnb4": 0.85}

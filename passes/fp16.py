@@ -82,6 +82,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
 from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.tjs_contract import KV_PREFIXES, LOGITS
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
@@ -102,7 +103,6 @@ VALUE_PRESERVING = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Tr
 GATHER_OPS = frozenset({"Gather", "GatherElements", "GatherND", "GatherBlockQuantized"})
 NORM_CHAIN_OPS = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Pow", "Mul"})
 MASK_OPS = frozenset({"Add", "Sub", "Where"})
-KV_PREFIXES = ("past_key_values.", "present.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ class Fp16Pass(GraphPass):
                     raise PostconditionError(f"fp16: KV tensor '{vi.name}' is {_tname(_vi_type(vi))}, expected "
                                              f"{_tname(want)}")
         for vi in g.output:
-            if vi.name == "logits" and _vi_type(vi) in (FLOAT, FLOAT16):
+            if vi.name == LOGITS and _vi_type(vi) in (FLOAT, FLOAT16):
                 want = FLOAT if (opts.keep_logits_fp32 or opts.keep_io_types) else FLOAT16
                 if _vi_type(vi) != want:
                     raise PostconditionError(f"fp16: 'logits' is {_tname(_vi_type(vi))}, expected {_tname(want)}")
@@ -509,7 +509,7 @@ class _Converter:
         keep_io = opts.keep_io_types
 
         def out_desired(name: str) -> int:
-            if keep_io or (name == "logits" and opts.keep_logits_fp32):
+            if keep_io or (name == LOGITS and opts.keep_logits_fp32):
                 return FLOAT
             return FLOAT16
 

@@ -80,6 +80,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.tjs_contract import ATTENTION_MASK, BATCH, PAST_SEQUENCE, POSITION_IDS, SEQUENCE, TOTAL_SEQUENCE
 from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
                             node_label, remove_unused, toposort)
 from passes.fuse_rotary import tensor_nbytes
@@ -101,7 +102,7 @@ class _Evaluator:
         gi = self.gi
         b, s, p = _WORLD["b"], _WORLD["s"], _WORLD["p"]
         t = p + s
-        dims = {"batch_size": b, "sequence_length": s, "past_sequence_length": p, "total_sequence_length": t}
+        dims = {BATCH: b, SEQUENCE: s, PAST_SEQUENCE: p, TOTAL_SEQUENCE: t}
         mask = np.ones((b, t), np.int64)
         mask[0, 0] = 0
         rng = np.random.default_rng(3)
@@ -119,9 +120,9 @@ class _Evaluator:
                 else:
                     return None
             dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            if vi.name == "attention_mask":
+            if vi.name == ATTENTION_MASK:
                 feeds[vi.name] = mask.astype(dt)
-            elif vi.name == "position_ids":
+            elif vi.name == POSITION_IDS:
                 pos = np.cumsum(mask, 1) - 1
                 pos[mask == 0] = 1
                 feeds[vi.name] = pos[:, -s:].astype(dt)
@@ -137,7 +138,7 @@ class _Evaluator:
         if shape is None:
             return None
         b, s, p = _WORLD["b"], _WORLD["s"], _WORLD["p"]
-        dims = {"batch_size": b, "sequence_length": s, "past_sequence_length": p, "total_sequence_length": p + s}
+        dims = {BATCH: b, SEQUENCE: s, PAST_SEQUENCE: p, TOTAL_SEQUENCE: p + s}
         out = []
         for d in shape:
             if isinstance(d, int) and d > 0:
@@ -538,7 +539,7 @@ class FuseGqaPass(GraphPass):
         why: dict[str, str] = {}
         found: list[_Attn] = []
         mask_cache: dict = {}
-        if "attention_mask" not in gi.graph_inputs:
+        if ATTENTION_MASK not in gi.graph_inputs:
             return gi, found, {"graph": "no attention_mask graph input"}
         if ev.world is None:
             return gi, found, {"graph": "graph inputs have dims other than batch_size / sequence_length / "
@@ -636,7 +637,7 @@ class FuseGqaPass(GraphPass):
         total = fresh("gqa/total_sequence_length")
         seqlens = fresh("gqa/seqlens_k")
         nodes = [
-            helper.make_node("Shape", ["attention_mask"], [shape], name=fresh("gqa/Shape")),
+            helper.make_node("Shape", [ATTENTION_MASK], [shape], name=fresh("gqa/Shape")),
             helper.make_node("Gather", [shape, one.name], [total64], name=fresh("gqa/Gather_total"), axis=0),
             helper.make_node("Cast", [total64], [total], name=fresh("gqa/Cast_total"), to=TensorProto.INT32),
         ]
@@ -644,7 +645,7 @@ class FuseGqaPass(GraphPass):
         if self.options.padding == "seqlens":
             msum, m1 = fresh("gqa/mask_sum"), fresh("gqa/mask_sum_minus_1")
             nodes += [
-                helper.make_node("ReduceSum", ["attention_mask", axis1.name], [msum], name=fresh("gqa/ReduceSum"),
+                helper.make_node("ReduceSum", [ATTENTION_MASK, axis1.name], [msum], name=fresh("gqa/ReduceSum"),
                                  keepdims=0),
                 helper.make_node("Sub", [msum, one.name], [m1], name=fresh("gqa/Sub")),
                 helper.make_node("Cast", [m1], [seqlens], name=fresh("gqa/Cast_seqlens"), to=TensorProto.INT32),
@@ -665,10 +666,10 @@ class FuseGqaPass(GraphPass):
                 helper.make_node("Sub", [total64, one.name], [t1], name=fresh("gqa/Sub")),
                 helper.make_node("Expand", [t1, bsz], [t1b], name=fresh("gqa/Expand_seqlens")),
                 helper.make_node("Cast", [t1b], [seqlens], name=fresh("gqa/Cast_seqlens"), to=TensorProto.INT32),
-                helper.make_node("Equal", ["attention_mask", zero_i.name], [pad], name=fresh("gqa/Equal")),
+                helper.make_node("Equal", [ATTENTION_MASK, zero_i.name], [pad], name=fresh("gqa/Equal")),
                 helper.make_node("Where", [pad, neg.name, zf.name], [b2], name=fresh("gqa/Where")),
                 helper.make_node("Unsqueeze", [b2, ax12.name], [b4], name=fresh("gqa/Unsqueeze")),
-                helper.make_node("Shape", ["position_ids"], [pshape], name=fresh("gqa/Shape_pos")),
+                helper.make_node("Shape", [POSITION_IDS], [pshape], name=fresh("gqa/Shape_pos")),
                 helper.make_node("Gather", [pshape, axis1.name], [sq], name=fresh("gqa/Gather_seq"), axis=0),
             ]
             ones = c(np.array([1], np.int64), "gqa/one_1d")

@@ -58,6 +58,7 @@ from onnx import TensorProto, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
+from graphkit import tjs_contract as tjs
 
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 INTS = {TensorProto.INT64, TensorProto.INT32}
@@ -75,8 +76,7 @@ PROBS_PATH = frozenset({"Where", "Cast", "Reshape", "Transpose", "Identity", "Dr
 ROTARY_OPS = frozenset({"Cos", "Sin", "RotaryEmbedding"})
 MASK_OPS = frozenset({"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
                       "ReduceSum", "Where"})
-CANON_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-CANON_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
+CANON_PAST, CANON_PRESENT = tjs.PAST_RE, tjs.PRESENT_RE
 KEY_HINT = re.compile(r"(^|[._/\-])(key|keys|k|k_cache|key_cache)([._/\-\d]|$)", re.I)
 VALUE_HINT = re.compile(r"(^|[._/\-])(value|values|v|v_cache|value_cache)([._/\-\d]|$)", re.I)
 
@@ -270,8 +270,8 @@ class KvRenamePass(GraphPass):
         renames: dict[str, str] = {}
         roles_map: dict[str, str] = {}
         for e in entries:
-            renames[e.past] = f"past_key_values.{e.layer}.{e.role}"
-            renames[e.present] = f"present.{e.layer}.{e.role}"
+            renames[e.past] = tjs.past_name(e.layer, e.role)
+            renames[e.present] = tjs.present_name(e.layer, e.role)
         kv_in = {e.past for e in entries}
         kv_out = {e.present for e in entries}
         stray = [n for n, vi in G.outputs.items() if n not in kv_out and _etype(vi) in FLOATS and _rank(vi) == 4
@@ -283,16 +283,16 @@ class KvRenamePass(GraphPass):
         int_inputs = [n for n, vi in G.inputs.items()
                       if n not in kv_in and _etype(vi) in INTS and _rank(vi) in (2, None)]
         ids = self._find_input_ids(G, int_inputs)
-        roles_map["input_ids"] = ids
+        roles_map[tjs.INPUT_IDS] = ids
         rest = [n for n in int_inputs if n != ids]
         pos, mask = self._classify_pos_mask(G, rest)
         if pos:
-            roles_map["position_ids"] = pos
+            roles_map[tjs.POSITION_IDS] = pos
         if mask:
-            roles_map["attention_mask"] = mask
+            roles_map[tjs.ATTENTION_MASK] = mask
         logits = self._find_logits(G, kv_out)
         if logits:
-            roles_map["logits"] = logits
+            roles_map[tjs.LOGITS] = logits
         for canon, old in roles_map.items():
             renames[old] = canon
 
@@ -302,21 +302,17 @@ class KvRenamePass(GraphPass):
         for canon, old in roles_map.items():
             vi = G.inputs.get(old) or G.outputs.get(old)
             cur = _dims(vi)
-            if canon in ("input_ids", "position_ids"):
-                want = ["batch_size", "sequence_length"]
-            elif canon == "attention_mask":
-                want = ["batch_size", "total_sequence_length"]
-            else:
-                want = ["batch_size", "sequence_length"] + [None] * max(0, len(cur) - 2)
+            axes = tjs.IO_AXES[canon]  # input_ids, position_ids, attention_mask: rank 2; logits: [batch, seq, vocab]
+            want = [axes[0], axes[1]] + ([None] * max(0, len(cur) - 2) if canon == tjs.LOGITS else [])
             dims[canon] = self._merge_dims(cur, want, canon)
         for e in entries:
-            for old, new, seq in ((e.past, renames[e.past], "past_sequence_length"),
-                                  (e.present, renames[e.present], "total_sequence_length")):
+            for old, new, seq in ((e.past, renames[e.past], tjs.PAST_SEQUENCE),
+                                  (e.present, renames[e.present], tjs.TOTAL_SEQUENCE)):
                 vi = G.inputs.get(old) or G.outputs.get(old)
                 cur = _dims(vi)
                 if len(cur) != 4:
                     cur = [None] * 4
-                dims[new] = self._merge_dims(cur, ["batch_size", kv_heads, seq, head_dim], new)
+                dims[new] = self._merge_dims(cur, [tjs.BATCH, kv_heads, seq, head_dim], new)
         return Plan(renames, entries, roles_map, dims, kv_heads, head_dim, notes)
 
     @staticmethod
@@ -519,9 +515,9 @@ class KvRenamePass(GraphPass):
                 pos.append(r)
             elif d_mask is not None and (d_rot is None or d_mask < d_rot):
                 mask.append(r)
-            elif r == "attention_mask" or "mask" in r.lower():
+            elif r == tjs.ATTENTION_MASK or "mask" in r.lower():
                 mask.append(r)
-            elif r == "position_ids" or "pos" in r.lower():
+            elif r == tjs.POSITION_IDS or "pos" in r.lower():
                 pos.append(r)
             else:
                 raise GraphkitError(f"kv-rename: cannot tell whether input '{r}' is attention_mask or position_ids "
@@ -537,7 +533,7 @@ class KvRenamePass(GraphPass):
         cands = [n for n, vi in G.outputs.items() if n not in kv_out and _etype(vi) in FLOATS]
         if len(cands) <= 1:
             return cands[0] if cands else None
-        named = [c for c in cands if c == "logits"]
+        named = [c for c in cands if c == tjs.LOGITS]
         if named:
             return named[0]
         raise GraphkitError(f"kv-rename: several float outputs could be logits: {', '.join(cands)}")
@@ -726,7 +722,7 @@ class KvRenamePass(GraphPass):
             raise PostconditionError(f"kv-rename: layers are not 0..N-1: {layers}")
         for i in layers:
             for k in ("key", "value"):
-                if f"past_key_values.{i}.{k}" not in names_in or f"present.{i}.{k}" not in names_out:
+                if tjs.past_name(i, k) not in names_in or tjs.present_name(i, k) not in names_out:
                     raise PostconditionError(f"kv-rename: layer {i} {k} is missing its past or present")
         for vi in list(g.input) + list(g.output):
             if CANON_PAST.match(vi.name) or CANON_PRESENT.match(vi.name):

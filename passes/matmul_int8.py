@@ -63,6 +63,7 @@ from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
 from passes import _quant
 from graphkit.passbase import GraphPass, PassResult, option
+from graphkit.tjs_contract import LOGITS
 
 QMAX = 127  # symmetric int8 weights use [-127, 127]
 
@@ -291,7 +292,7 @@ class MatMulInt8Pass(GraphPass):
             n_out = src.dims[1] if w.via_transpose is None else src.dims[0]  # N of MatMul's [K, N] B
             # the vocabulary projection: produces the `logits` output, is named so, reads the (tied)
             # embedding table, or projects onto exactly the embedding table's row count
-            is_lm_head = (n.output[0] == "logits" or "lm_head" in n.name or w.source in tables or n_out in vocab_sizes)
+            is_lm_head = (n.output[0] == LOGITS or "lm_head" in n.name or w.source in tables or n_out in vocab_sizes)
             if opt.include and not _matches(n.name, opt.include):
                 skipped.append(f"{n.name}: not included")
                 continue

@@ -78,6 +78,17 @@ def converted(tmp_path_factory):
     return out, json.loads(res.stdout)
 
 
+@pytest.fixture(scope="session")
+def fused(tmp_path_factory) -> Path:
+    """`graphkit convert --fuse`: contrib-op fusions (SimplifiedLayerNorm, GroupQueryAttention on packed q/k/v with
+    its own rotary)."""
+    out = tmp_path_factory.mktemp("fused") / "epicrisis-fused"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--dtypes", "fp32,fp16,q4,q4f16,q8",
+                          "--output", str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 _CLIENT_MATRIX: list[tuple[str, str, str]] = []
 
 

@@ -87,19 +87,6 @@ def test_chromium_tokens_equal_python_ort(case, device, dtype):
     assert shot.exists() and shot.stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def fused(tmp_path_factory):
-    """`graphkit convert --fuse`: contrib-op fusions (SimplifiedLayerNorm, GroupQueryAttention on packed q/k/v with
-    its own rotary)."""
-    import subprocess
-    import sys
-    out = tmp_path_factory.mktemp("fused") / "epicrisis-fused"
-    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--dtypes", "fp32,fp16,q4,q4f16,q8",
-                          "--output", str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr
-    return out
-
-
 def test_fused_variants_agree_with_unfused_fp32(fused, converted, golden):
     """Every `--fuse` file against the unfused fp32 export, teacher-forced over the golden continuations
     (graphkit.verify.check_variant): finite logits (fp16 and q4f16 included), top-1 >= 0.90, and the fused fp32
