@@ -53,9 +53,13 @@ def test_verify_data_good_variants_pass(converted):
     by = {v["dtype"]: v for v in result["variants"]}
     assert by["fp32"]["top1_agreement"] == 1.0 and by["fp32"]["answers_equal"] == int(SAMPLES)
     assert by["q8"]["passed"] and by["q8"]["facts_kept"] == by["q8"]["facts_total"] and not by["q8"]["lost_facts"]
-    # The example copies its facts: 5 per example (age, stay, dose, sex, diagnosis), fp32 keeps nearly all.
+    # The example copies its facts: 5 per example (age, stay, dose, sex, diagnosis). fp32 keeps every age, stay,
+    # dose and diagnosis; the sex word is its weak spot (the prior's "Hombre" for some women: 7 of 12 here).
     rf = result["reference_facts"]
-    assert rf["in_file_answers"] == 5 * int(SAMPLES) and rf["kept_by_reference"] >= 0.95 * rf["in_file_answers"], rf
+    assert rf["in_file_answers"] == 5 * int(SAMPLES) and rf["kept_by_reference"] >= 0.85 * rf["in_file_answers"], rf
+    for ref in result["reference_answers"]:
+        kinds = sorted(f.split(" ")[-1] if f[0].isdigit() else f.split(":")[0] for f in ref["facts"] if "sexo" not in f)
+        assert kinds == sorted(["dx", "años", "días", "mg"]), ref
     assert by["q8"]["facts_total"] == rf["taken_by_reference"]
 
 
@@ -83,4 +87,4 @@ def test_verify_data_catches_a_variant_that_loses_facts(converted, tmp_path):
     assert by["q8"]["passed"] and by["fp32"]["passed"]
     # the table names the lost facts
     res = _cli("verify", broken, "--data", VALID, "--samples", "4", "--dtypes", "fp32,q4", "--show", "1")
-    assert res.returncode == 1 and "facts lost" in res.stdout and "lost " in res.stdout, res.stdout
+    assert res.returncode == 1 and "FAIL lost" in res.stdout and "q4: lost " in res.stdout, res.stdout
