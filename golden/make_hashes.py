@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HASHES = ROOT / "golden" / "convert_sha256.json"
 # variant name → the extra `graphkit convert` arguments that make it (the shipped example, default dtypes).
 VARIANTS: dict[str, list[str]] = {"default": [], "fuse": ["--fuse"]}
+# the output folder's name per variant, as the test fixtures name it (tests/conftest.py): USAGE.md names it
+FOLDER_NAMES: dict[str, str] = {"default": "epicrisis-tiny", "fuse": "epicrisis-fused"}
 REGENERATE = "PYTHONPATH=$PWD .venv/bin/python golden/make_hashes.py"
 
 
@@ -67,7 +69,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANTS.items():
             print(f"convert {' '.join(extra) or '(default)'} ...", flush=True)
-            actual[name] = folder_hashes(convert_variant(extra, Path(tmp) / name))
+            actual[name] = folder_hashes(convert_variant(extra, Path(tmp) / name / FOLDER_NAMES[name]))
     if args.check:
         expected = json.loads(HASHES.read_text(encoding="utf-8"))["variants"]
         bad = [f"{n}/{line}" for n in VARIANTS for line in compare(expected.get(n, {}), actual[n])]

@@ -38,6 +38,8 @@ def export(
     """Merge the adapter and export the decoder with KV cache to ONNX."""
     from graphkit.console import emit_json, err
     try:
+        from graphkit.extras import require_export
+        require_export("export")
         from graphkit.export import export_model
         summary = export_model(model_dir, output, adapter, exporter=exporter, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, stream=not no_stream,
@@ -131,24 +133,32 @@ def convert(
     fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
     pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
+    calibration: str = typer.Option("self", "--calibration", help="Calibration for the 4-bit dtypes (GPTQ, docs/quantization.md): a JSONL file (the fine-tuning data: {\"messages\": [...]}, {\"text\": ...} or {\"prompt\", \"completion\"} per line); \"self\" (default): sequences the fp32 model samples itself; \"none\": plain round-to-nearest."),
+    calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples", min=1, help="How many calibration samples to use (default: 64 from a file, 32 self-generated)."),
+    size_budget: str = typer.Option("1.0x", "--size-budget", help="Mixed precision for q4/q4f16: keep the MatMuls whose 4-bit error is largest (on the calibration statistics) at 8 bits (int8 MatMulInteger) until the file is this factor of its all-4-bit size, e.g. 1.15x (docs/quantization.md). Default 1.0x: all 4-bit."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     from graphkit.console import emit_json, err
     try:
         from graphkit.convert import convert as run_convert, parse_dtypes, parse_pipeline_overrides, render
+        from graphkit.extras import require_export
+        require_export("convert")
         if model_dir is None:
             from graphkit.examples import example_dir
             model_dir = example_dir() / "base"
             adapter = adapter or example_dir() / "adapter"
         dtype_list = parse_dtypes(dtypes)
         overrides = parse_pipeline_overrides(pipeline or [])
+        from graphkit.mixed import parse_budget
+        budget = parse_budget(size_budget)
         with err.status("converting") as status:
             def progress(msg: str) -> None:
                 err.print(f"• {msg}", soft_wrap=True, markup=False)
                 status.update(msg.strip()[:80])
             summary = run_convert(model_dir, output, adapter, dtype_list, overwrite=overwrite, exporter=exporter,
                                   check_agreement=not no_agreement, fuse=fuse, stream=not no_stream,
-                                  progress=progress, pipelines=overrides)
+                                  progress=progress, pipelines=overrides, calibration=calibration,
+                                  calibration_samples=calibration_samples, size_budget=budget)
     except GraphkitError as exc:
         _fail(exc)
     if json_out:
@@ -195,6 +205,8 @@ def verify(
     new_tokens = 32 if new_tokens is None else new_tokens
     try:
         from graphkit.verify import render, verify_folder
+        from graphkit.extras import require_export
+        require_export("verify", ("transformers", "torch") if reference else ("transformers",))
         dtype_list = [d.strip() for d in dtypes.split(",")] if dtypes else None
         result = verify_folder(folder, reference, adapter, prompts, new_tokens, dtype_list,
                                progress=lambda m: err.print(f"• {m}", markup=False))
@@ -275,6 +287,36 @@ def bench_cmd(
     emit_json(report) if json_out else render_bench(report, out)
 
 
+
+@app.command("serve")
+def serve_cmd(
+    folder: Path = typer.Argument(..., help="A Transformers.js model folder (from `graphkit convert`)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default keeps the page on this machine."),
+    dtypes: Optional[str] = typer.Option(None, "--dtypes", help="Offer only these dtypes (comma-separated); each must have its file."),
+    node_modules: Optional[Path] = typer.Option(None, "--node-modules", help="node_modules holding @huggingface/transformers (default: the checkout's tests/js/node_modules)."),
+) -> None:
+    """Serve a page to try the folder in the browser: dtype and device, chat, streamed tokens, speed, two dtypes side by side."""
+    from graphkit.console import err
+    try:
+        from graphkit.serve import make_server, url_of
+        dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()] if dtypes else None
+        server = make_server(folder, host=host, port=port, dtypes=dtype_list, node_modules=node_modules)
+    except GraphkitError as exc:
+        _fail(exc)
+    info = server.info  # type: ignore[attr-defined]
+    err.print(f"serving {folder} ({', '.join(d['dtype'] for d in info['dtypes'])}) with Transformers.js "
+              f"{info['transformers_version']}; Ctrl-C stops", markup=False, soft_wrap=True)
+    sys.stdout.write(url_of(server) + "\n")  # the one line on stdout: scripts read the URL (with --port 0)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main() -> None:
     try:
         app()
@@ -284,3 +326,11 @@ def main() -> None:
     except GraphkitError as exc:  # raised outside a command body
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # a command that needs the [export] extra, installed without it
+        from graphkit.extras import missing_extra_message
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        msg = missing_extra_message(exc, command)
+        if msg is None:
+            raise
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(2)

@@ -43,12 +43,19 @@ PIPELINES: dict[str, str] = {
     # quality of 32-blocks and decode fastest; its 8-bit shared table in 128-blocks decodes 6-18 % faster
     # than in 32-blocks at about the same quality (section 4 there); q4f16: the shared table at 4 bits
     # (16-blocks, zero points) keeps the file under the size goal at better KL than the anchor recipe.
-    "q4": "tied-embedding(bits=8,block_size=128,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)",
+    # The 4-bit body: GPTQ error compensation along the statistics of the fp32 model's MatMul inputs
+    # (docs/quantization.md): from --calibration data, else from sequences the fp32 model samples itself.
+    "q4": "tied-embedding(bits=8,block_size=128,accuracy_level=4),"
+          "matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4,method=gptq,calibration={calibration})",
     "q4f16": "tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=4),"
-             "matmul-nbits(bits=4,block_size=32,accuracy_level=4),fp16",
+             "matmul-nbits(bits=4,block_size=32,accuracy_level=4,method=gptq,calibration={calibration}),fp16",
     "q8": "matmul-int8(quantize_embedding_gather=true)",
 }
 DEFAULT_DTYPES = ["fp32", "fp16", "q4", "q4f16", "q8"]
+CALIBRATION_SLOT = "{calibration}"  # replaced by the statistics file convert writes (graphkit/calibration.py)
+SELF_CALIBRATION_SAMPLES = 32       # sequences the fp32 model samples for itself when no data is given
+SELF_CALIBRATION_TOKENS = 96
+DATA_CALIBRATION_SAMPLES = 64       # --calibration data.jsonl: the first N samples
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
@@ -68,6 +75,7 @@ class DtypeResult:
     error: str | None = None
     pipeline: str | None = None  # the full pass spec that made this file ("" = the export itself)
     agreement_note: str | None = None  # why the agreement check left this file out
+    mixed: dict | None = None  # --size-budget: the weights kept at 8 bits and why (graphkit/mixed.py)
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -118,6 +126,10 @@ def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], externa
     if "head_dim" not in config and config.get("hidden_size") and config.get("num_attention_heads"):
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]  # Transformers.js 3.x qwen3 reads it
     tjs = dict(config.get(TJS_CONFIG, {}))
+    # these two describe the files written here, never the source's (converting a Transformers.js folder)
+    tjs.pop(KV_CACHE_DTYPE, None)
+    tjs.pop(USE_EXTERNAL_DATA, None)
+    config.pop(TJS_CONFIG, None)
     fp16_kv = {d: "float16" for d in dtypes_written if d in FP16_KV_DTYPES}
     if fp16_kv:
         tjs[KV_CACHE_DTYPE] = fp16_kv  # read by Transformers.js 3.x–4.1; 4.2+ reads the graph
@@ -188,10 +200,28 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
         os.replace(tmp, output)
 
 
+def without_calibration(spec: str) -> str:
+    """The spec with the calibrated method replaced by round-to-nearest (``--calibration none``)."""
+    return spec.replace(f",method=gptq,calibration={CALIBRATION_SLOT}", "").replace(
+        f"method=gptq,calibration={CALIBRATION_SLOT}", "")
+
+
+def calibration_sequences_for(calibration: str | Path | None, model_dir: Path, samples: int | None
+                              ) -> list[list[int]] | None:
+    """Token ids of the user's calibration file (read and checked before any work: bad input exits 2 with
+    nothing written), or None for ``self`` / ``none``."""
+    if calibration in (None, "self", "none"):
+        return None
+    from graphkit.dataset import calibration_sequences
+    return calibration_sequences(Path(calibration), model_dir, limit=samples or DATA_CALIBRATION_SAMPLES)
+
+
 def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
             max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
-            progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None) -> dict:
+            progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
+            calibration: str | Path | None = "self", calibration_samples: int | None = None,
+            size_budget: float = 1.0) -> dict:
     from graphkit import tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
@@ -201,7 +231,17 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     dtypes = dtypes or DEFAULT_DTYPES
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
+    from graphkit.onnx_source import find_onnx_source
+    source = find_onnx_source(model_dir)  # an ONNX export instead of PyTorch weights: no export, no torch
+    if source is not None and adapter_dir:
+        raise GraphkitError(f"{model_dir}: an ONNX export cannot take --adapter (merge it before exporting, or convert "
+                            "the Hugging Face folder with --adapter)")
     _check_free_space(model_dir, output, dtypes)
+    if size_budget > 1.0 and (fuse or calibration == "none"):
+        raise GraphkitError("--size-budget needs calibration statistics and the unfused graph's MatMul names; "
+                            "drop --fuse / --calibration none, or use --size-budget 1.0")
+    calib_seqs = calibration_sequences_for(calibration, model_dir, calibration_samples)
+    calib_info: dict | None = None
     chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
     t_start = time.perf_counter()
     results: list[DtypeResult] = []
@@ -211,10 +251,15 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         onnx_dir = tmp / ONNX_DIR
         onnx_dir.mkdir()
         scratch = tmp / ".export" / "model.onnx"
-        step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
         t0 = time.perf_counter()
         reset_peak()
-        _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
+        if source is not None:
+            from graphkit.onnx_source import prepare_onnx_source
+            step(f"export: none — starting from the ONNX export {source}")
+            prepare_onnx_source(model_dir, source, scratch, lambda m: step("   " + m))
+        else:
+            step("export: loading, merging the adapter, exporting the decoder" if adapter_dir else "export: loading and exporting the decoder")
+            _export(model_dir, scratch, adapter_dir, exporter, stream, lambda m: step("   " + m))
         export_s = time.perf_counter() - t0
         export_peak = peak_rss()
         release_free_memory()
@@ -222,11 +267,23 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
-        specs = {d: _pass_names(pipeline_spec(d, fuse, model_dir, pipelines)) for d in dtypes}
+        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines) for d in dtypes}
+        if calibration == "none":
+            raw_specs = {d: without_calibration(sp) for d, sp in raw_specs.items()}
+        if any(CALIBRATION_SLOT in sp for sp in raw_specs.values()):
+            calib_info = _calibrate(scratch, model_dir, calib_seqs, calibration, calibration_samples,
+                                    tmp / ".calib" / "stats.npz", step)
+            raw_specs = {d: sp.replace(CALIBRATION_SLOT, calib_info["stats"]) for d, sp in raw_specs.items()}
+        mixed: dict[str, dict] = {}
+        if size_budget > 1.0 and calib_info is not None:
+            for d in dtypes:
+                if "matmul-nbits(" in raw_specs[d] and "method=gptq" in raw_specs[d]:
+                    raw_specs[d], mixed[d] = _mixed_spec(raw_specs[d], scratch, Path(calib_info["stats"]), size_budget, step)
+        specs = {d: _pass_names(raw_specs[d]) for d in dtypes}
         with tensors.spill_to(tmp / ".spill", f"converting into {output}"):  # new weights go to disk, not into the proto
             for i, dtype in enumerate(dtypes):
                 fname = DTYPE_FILES[dtype]
-                spec = pipeline_spec(dtype, fuse, model_dir, pipelines)
+                spec = raw_specs[dtype]
                 step(f"{dtype}: {spec or 'export as is'} → onnx/{fname}")
                 t0 = time.perf_counter()
                 reset_peak()
@@ -262,7 +319,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         peak = max(peak, export_peak)
                     results.append(DtypeResult(dtype, f"onnx/{fname}", True, sum(f.stat().st_size for f in files),
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
-                                               [r.name.split("(")[0] for r in reports], peak, pipeline=spec))
+                                               [r.name.split("(")[0] for r in reports], peak, pipeline=spec,
+                                               mixed=mixed.get(dtype)))
                 except GraphkitError as exc:
                     previous = None
                     for f in onnx_dir.glob(fname + "*"):
@@ -273,18 +331,81 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             previous = None
         shutil.rmtree(scratch.parent, ignore_errors=True)
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
+        shutil.rmtree(tmp / ".calib", ignore_errors=True)
         written = [r.dtype for r in results if r.ok]
         write_configs(model_dir, tmp, written, external)
+        if written:  # the app snippet: how to load this folder with Transformers.js (graphkit/usage.py)
+            from graphkit.usage import write_usage
+            write_usage(tmp, written, output)
         if check_agreement and "fp32" in written and len(written) > 1:
             step("agreement with fp32 on the default prompts")
-            _agreement(tmp, results, output)
+            _agreement(tmp, results, output, torch_free=source is not None)
         _swap_into_place(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(output), "model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None,
+            "onnx_source": str(source) if source is not None else None,
             "exporter": exporter, "fused": fuse, "total_s": round(time.perf_counter() - t_start, 2),
+            "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "stats"},
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
+
+
+def _calibrate(scratch: Path, model_dir: Path, seqs: list[list[int]] | None, calibration, samples: int | None,
+               out: Path, step) -> dict:
+    """Statistics of every MatMul input of the fp32 export (graphkit/calibration.py) for the calibrated passes."""
+    from graphkit.calibration import chat_prefix, collect_stats, self_generated_sequences
+    from graphkit.memory import peak_rss, reset_peak
+    reset_peak()
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if seqs is None:
+        n = samples or SELF_CALIBRATION_SAMPLES
+        step(f"calibration: no data given; the fp32 model samples {n} sequences of {SELF_CALIBRATION_TOKENS} tokens itself")
+        seqs = self_generated_sequences(scratch, chat_prefix(model_dir), n, SELF_CALIBRATION_TOKENS)
+        source = "self-generated"
+    else:
+        source = str(calibration)
+        step(f"calibration: {len(seqs)} samples from {calibration}")
+    meta = collect_stats(scratch, seqs, out, progress=lambda m: step("   " + m))
+    return {"stats": str(out), "source": source, "sequences": meta["sequences"], "tokens": meta["tokens"],
+            "seconds": round(time.perf_counter() - t0, 2), "peak_rss": peak_rss()}
+
+
+def _mixed_spec(spec: str, scratch: Path, stats: Path, budget: float, step) -> tuple[str, dict]:
+    """Keep the most sensitive MatMuls of ``spec``'s matmul-nbits at 8 bits (matmul-int8) within ``budget``."""
+    from graphkit import mixed
+    from graphkit.pipeline import parse_spec
+    passes = {p.name: p.options for p in parse_spec(spec)}
+    o = passes["matmul-nbits"]
+    scale_bytes = 2 if "fp16" in passes else 4
+    table = 0
+    if "tied-embedding" in passes:
+        t = passes["tied-embedding"]
+        table = _table_bytes(scratch, t.bits, t.block_size, t.symmetric, scale_bytes)
+    rows, info = mixed.plan(scratch, stats, budget, o.block_size, o.symmetric, scale_bytes, table)
+    kept = [r.node for r in rows if r.kept]
+    step(f"   size budget {budget:g}x: {len(kept)} of {len(rows)} MatMuls kept at 8 bits "
+         f"(+{info['spent_bytes'] / 1e6:.2f} MB of +{info['allowance_bytes'] / 1e6:.2f} MB)")
+    if not kept:
+        return spec, info
+    names = "|".join(kept)
+    i = spec.index("matmul-nbits(")
+    j = spec.index(")", i)
+    spec = spec[:j] + f",exclude={names})" + f",matmul-int8(include={names},lm_head=keep)" + spec[j + 1:]
+    return spec, info
+
+
+def _table_bytes(model_path: Path, bits: int, block_size: int, symmetric: bool, scale_bytes: int) -> int:
+    """Bytes of the tied table in tied-embedding's form (0 when there is no embedding Gather)."""
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
+            V, H = inits[n.input[0]].dims
+            kb = -(-H // block_size)
+            return V * kb * block_size * bits // 8 + V * kb * scale_bytes + (0 if symmetric else V * -(-kb * bits // 8))
+    return 0
 
 
 def _link_files(export: Path, dest: Path) -> list[Path]:
@@ -331,10 +452,11 @@ def _export(model_dir: Path, scratch: Path, adapter_dir: Path | None, exporter: 
 AGREEMENT_MAX_FP16_BYTES = 1 << 30
 
 
-def _agreement(folder: Path, results: list[DtypeResult], output: Path) -> None:
-    from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts
+def _agreement(folder: Path, results: list[DtypeResult], output: Path, torch_free: bool = False) -> None:
+    from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts, encode_prompts_tokenizers
     from graphkit.verify import OnnxReference, check_variant, reference_runs
-    prompts = encode_prompts(folder, DEFAULT_PROMPTS[:2])
+    # from an ONNX export nothing may import torch (transformers' AutoTokenizer does): tokenizers + jinja2
+    prompts = (encode_prompts_tokenizers if torch_free else encode_prompts)(folder, DEFAULT_PROMPTS[:2])
     runs = reference_runs(OnnxReference(folder / "onnx" / "model.onnx"), prompts, 16)
     for r in results:
         if r.ok and r.dtype == "fp16" and r.bytes > AGREEMENT_MAX_FP16_BYTES:
@@ -351,14 +473,16 @@ def render(summary: dict) -> None:
 
     from graphkit.console import fmt_bytes, out
     table = Table(title=f"graphkit convert → {summary['output']} ({summary['total_s']} s)")
-    for col in ("dtype", "file", "size", "time s", "peak RSS", "top-1", "KL", "status"):
+    # the figures that matter first: below 80 columns the console splits the table after them (console.fit_table)
+    for col in ("dtype", "size", "top-1", "KL", "status", "file", "time s", "peak RSS"):
         table.add_column(col, no_wrap=True)
     for d in summary["dtypes"]:
-        table.add_row(d["dtype"], d["file"].removeprefix("onnx/"), fmt_bytes(d["bytes"]) if d["ok"] else "-", str(d["seconds"]),
-                      fmt_bytes(d["peak_rss"]) if d.get("peak_rss") else "-",
+        table.add_row(d["dtype"], fmt_bytes(d["bytes"]) if d["ok"] else "-",
                       "-" if d["top1_vs_fp32"] is None else f"{d['top1_vs_fp32']:.3f}",
                       "-" if d["kl_vs_fp32"] is None else f"{d['kl_vs_fp32']:.5f}",
-                      "[green]ok[/]" if d["ok"] else "[red]FAILED[/]")
+                      "[green]ok[/]" if d["ok"] else "[red]FAILED[/]",
+                      d["file"].removeprefix("onnx/"), str(d["seconds"]),
+                      fmt_bytes(d["peak_rss"]) if d.get("peak_rss") else "-")
     out.print(table)
     out.print("top-1 agreement and KL: teacher-forced against the fp32 model on the default prompts; "
               "peak RSS: the process's highest resident memory during that step (fp32: the export)", markup=False)
@@ -369,3 +493,9 @@ def render(summary: dict) -> None:
             out.print(d["agreement_note"], markup=False, soft_wrap=True)
     out.print("pipelines: " + "; ".join(f"{d['dtype']}: {' → '.join(d['passes'] or []) or 'export'}" for d in summary["dtypes"] if d["ok"]),
               markup=False, soft_wrap=True)
+    usage = Path(summary["output"]) / "USAGE.md"
+    if usage.is_file():  # the few lines that load the folder in an app (also written there)
+        from graphkit.usage import extract_snippet
+        out.print(f"\nload it in your app with Transformers.js ({usage}; try it first: graphkit serve {summary['output']}):\n",
+                  markup=False, soft_wrap=True)
+        out.print(extract_snippet(usage.read_text(encoding="utf-8")), markup=False, soft_wrap=True, highlight=False)

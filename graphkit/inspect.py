@@ -327,6 +327,8 @@ def inspect_model(path: str | Path, config: dict | None = None) -> dict[str, Any
     }
     report["detected_dtype"] = detected_dtype(report)
     report["findings"] = model_findings(report, path, config)
+    from graphkit.diagnose import model_diagnoses  # known causes of garbage (own module: no PyTorch either)
+    report["findings"] += model_diagnoses(model, path, report, config)
     return report
 
 
@@ -521,6 +523,14 @@ FOLDER_FILES = {"config.json": True, "tokenizer.json": True, "tokenizer_config.j
                 "generation_config.json": False, "chat_template.jinja": False}
 
 
+def _has_chat_tokens(folder: Path) -> bool:
+    try:
+        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "<|im_start|>" in text or "<|start_header_id|>" in text
+
+
 def _read_json(path: Path, findings: list) -> dict | None:
     if not path.is_file():
         return None
@@ -556,14 +566,22 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
                                     "Transformers.js tokenizer reads it only from tokenizer_config.json",
                                     "`graphkit convert` (embeds it in tokenizer_config.json)"))
         else:
-            findings.append(finding("warning", "chat-template", "no chat_template: apply_chat_template will fail",
-                                    "add chat_template to tokenizer_config.json"))
+            chat = _has_chat_tokens(folder)  # a chat model without its template: prompts are built differently
+            findings.append(finding("error" if chat else "warning", "chat-template",
+                                    "no chat_template in tokenizer_config.json: apply_chat_template fails in "
+                                    "Transformers.js" + (" (the tokenizer has chat tokens such as <|im_start|>)"
+                                                         if chat else ""),
+                                    "add the model's chat_template to tokenizer_config.json"))
+    from graphkit.diagnose import folder_diagnoses
+    findings += folder_diagnoses(folder, config, tok_cfg)
     models = sorted((folder / "onnx").glob("*.onnx")) if (folder / "onnx").is_dir() else []
     if not models:
         loose = sorted(p.name for p in folder.glob("*.onnx"))
         findings.append(finding("error", "no-model", "no onnx/*.onnx" + (f" ({_short(loose)} must move into onnx/)"
                                                                           if loose else ""),
+                                f"`graphkit convert {folder} -o OUT` (starts from this export)" if loose else
                                 "put the model at onnx/model{suffix}.onnx (`graphkit convert` does)"))
+        models = sorted(folder.glob("*.onnx"))  # an optimum export: still diagnose what is there
     reports = [inspect_model(p, config) for p in models]
     tjs = (config or {}).get(TJS_CONFIG) or {}
     for r in reports:
@@ -586,11 +604,14 @@ def inspect_folder(folder: str | Path) -> dict[str, Any]:
                                     "and fails (4.2+ is fine)",
                                     f'add "kv_cache_dtype": {{"{dtype}": "float16"}} (`graphkit convert` writes it)'))
     every = findings + [x for r in reports for x in r["findings"]]
-    return {"kind": "folder", "path": str(folder), "files": files,
+    result = {"kind": "folder", "path": str(folder), "files": files,
             "dtypes": {split_file_name(n)[1]: n for n in (Path(r["path"]).name for r in reports)
                        if split_file_name(n)[0] == "model"},
             "findings": findings, "models": reports,
             "errors": sum(x["level"] == "error" for x in every), "warnings": sum(x["level"] == "warning" for x in every)}
+    from graphkit.diagnose import verdict
+    result["verdict"] = verdict(result)
+    return result
 
 
 def inspect_path(path: str | Path) -> dict[str, Any]:
@@ -599,11 +620,16 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         return inspect_folder(path)
     config = None
-    if path.parent.name == "onnx" and (path.parent.parent / "config.json").is_file():
-        config = _read_json(path.parent.parent / "config.json", [])
+    for cfg in ((path.parent.parent / "config.json") if path.parent.name == "onnx" else None,
+                path.parent / "config.json"):  # a Transformers.js folder's onnx/, or an optimum export beside it
+        if cfg is not None and cfg.is_file():
+            config = _read_json(cfg, [])
+            break
     report = inspect_model(path, config)
     report["errors"] = sum(x["level"] == "error" for x in report["findings"])
     report["warnings"] = sum(x["level"] == "warning" for x in report["findings"])
+    from graphkit.diagnose import verdict
+    report["verdict"] = verdict(report)
     return report
 
 
@@ -706,6 +732,9 @@ def render_model(r: dict, console) -> None:
 
 
 def render_inspect(report: dict, console) -> None:
+    from graphkit.diagnose import render_verdict
+    render_verdict(report, console)  # the answer first; the tables after it
+    console.print()
     if report["kind"] == "model":
         render_model(report, console)
     else:

@@ -50,3 +50,34 @@ def encode_prompts(tokenizer_dir: Path, prompts: list) -> list[list[int]]:
             ids = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
             out.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
     return out
+
+
+def encode_prompts_tokenizers(tokenizer_dir: Path, prompts: list) -> list[list[int]]:
+    """encode_prompts without transformers (which imports torch): tokenizer.json through `tokenizers`, chat
+    messages through tokenizer_config.json's chat_template rendered with jinja2 as transformers does
+    (trim_blocks, lstrip_blocks, the special tokens as variables)."""
+    from tokenizers import Tokenizer
+    folder = Path(tokenizer_dir)
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except Exception as exc:
+        raise GraphkitError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0][:150]})") from None
+    template = None
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            text = p
+        else:
+            if template is None:
+                if not cfg.get("chat_template"):
+                    raise GraphkitError(f"{folder}: tokenizer has no chat_template; give prompts as plain strings")
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=["jinja2.ext.loopcontrols"])
+                env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+                template = env.from_string(cfg["chat_template"])
+            special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
+            text = template.render(messages=p, add_generation_prompt=True, **special)
+        out.append(tok.encode(text, add_special_tokens=False).ids)
+    return out

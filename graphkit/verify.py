@@ -80,6 +80,8 @@ class TorchReference:
 
 def variants_in(folder: Path) -> list[tuple[str, Path]]:
     onnx_dir = folder / "onnx"
+    if not onnx_dir.is_dir() and any((folder / f).exists() for f in DTYPE_FILES.values()):
+        onnx_dir = folder  # an optimum export: model.onnx / model_quantized.onnx beside config.json
     if not onnx_dir.is_dir():
         raise GraphkitError(f"{folder}: no onnx/ folder; give a Transformers.js model folder (see `graphkit convert`)")
     found = [(dt, onnx_dir / f) for dt, f in DTYPE_FILES.items() if (onnx_dir / f).exists()]
@@ -138,6 +140,8 @@ def verify_folder(folder: Path, reference_dir: Path | None = None, adapter_dir: 
         reference = TorchReference(Path(reference_dir), Path(adapter_dir) if adapter_dir else None)
     else:
         fp32 = folder / "onnx" / "model.onnx"
+        if not fp32.exists() and (folder / "model.onnx").exists():
+            fp32 = folder / "model.onnx"  # an optimum export
         if not fp32.exists():
             raise GraphkitError(f"{folder}: no onnx/model.onnx to use as reference; pass --reference MODEL_DIR")
         reference = OnnxReference(fp32)

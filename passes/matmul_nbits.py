@@ -46,7 +46,7 @@ from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, option
 from passes._fusion import MS_DOMAIN, ensure_opset, fresh_name, subgraph_reads, taken_names
-from passes._quant import blob_size, k_blocks, quantize_blockwise
+from passes._quant import blob_size, check_finite, k_blocks, quantize_blockwise
 
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -61,6 +61,11 @@ class MatMulNBitsOptions:
     # typing.Union but not types.UnionType on Python 3.11.
     accuracy_level: Optional[int] = option(None, "MatMulNBits accuracy_level 0..4 (4 = int8 activations on CPU); "
                                               "None or 0 writes no attribute")
+    method: str = option("rtn", "rtn: onnxruntime's round-to-nearest (byte-identical); search: per-block scale/zero-point "
+                                "search minimising the weighted error, same stored form (passes/_quant.py); gptq: "
+                                "error compensation along the calibration Hessian (needs calibration; passes/_gptq.py)")
+    calibration: str = option("", "statistics file from graphkit convert --calibration (graphkit/calibration.py): "
+                                  "search weighs each input channel by E[x^2], gptq uses E[x x^T]")
     include: list[str] = option([], "only MatMul nodes whose name matches one of these globs (empty: all)")
     exclude: list[str] = option([], "skip MatMul nodes whose name matches one of these globs")
     lm_head: Literal["auto", "keep", "4", "8"] = option(
@@ -127,6 +132,11 @@ class MatMulNBitsPass(GraphPass):
     # ------------------------------------------------------------------ options
     def validate_options(self) -> None:
         o = self.options
+        if o.method not in ("rtn", "search", "gptq"):
+            raise GraphkitError(f"matmul-nbits: method must be rtn, search or gptq, got {o.method!r}")
+        if o.method == "gptq" and not o.calibration:
+            raise GraphkitError("matmul-nbits: method=gptq needs calibration statistics (calibration=FILE; "
+                                "graphkit convert --calibration data.jsonl makes them)")
         if isinstance(o.bits, bool) or o.bits not in (4, 8):
             raise GraphkitError(f"matmul-nbits: bits must be 4 or 8, got {o.bits!r}")
         bs = o.block_size
@@ -306,13 +316,33 @@ class MatMulNBitsPass(GraphPass):
 
         packed: dict[tuple[str, bool, int], tuple[str, str, str | None]] = {}
         new_inits: list[TensorProto] = []
+        stats = None
+        if o.calibration:
+            from graphkit.calibration import Stats
+            stats = Stats(o.calibration)
+        methods: dict[str, str] = {}
         for job in jobs:
             key = (job.weight.root, job.weight.transpose is not None, job.bits)
             if key in packed:
                 continue
             w = job.weight
-            q, scales, zp = quantize_blockwise(np.asarray(w.array()), job.bits, o.block_size, o.symmetric,
-                                               name=w.root)
+            arr = np.asarray(w.array())
+            q = None
+            if stats is not None and o.method == "gptq":
+                H = stats.hessian(w.root, job.node.input[0])
+                if H is not None and H.shape == (arr.shape[0],) * 2:
+                    from passes._gptq import gptq_quantize
+                    check_finite(arr, w.root)
+                    q, scales, zp = gptq_quantize(arr, H, job.bits, o.block_size, o.symmetric, dtype=arr.dtype)
+                    methods[w.root] = "gptq"
+            if q is None:
+                imp = stats.importance(w.root, job.node.input[0]) if stats is not None else None
+                if imp is not None and imp.shape != (arr.shape[0],):
+                    imp = None
+                method = "search" if o.method == "gptq" else o.method
+                q, scales, zp = quantize_blockwise(arr, job.bits, o.block_size, o.symmetric, name=w.root,
+                                                   method=method, importance=imp)
+                methods[w.root] = method + (" (weighted by calibration)" if imp is not None else "")
             base = w.root + ("_T" if w.transpose is not None else "")
             names = (fresh(f"{base}_Q{job.bits}"), fresh(f"{base}_scales"),
                      fresh(f"{base}_zero_points") if zp is not None else None)
@@ -370,6 +400,7 @@ class MatMulNBitsPass(GraphPass):
             "removed": removed,  # float weights, Constants, Identity/Transpose outputs
             "lm_head": heads,
             "skipped": skipped,
+            "methods": methods,
         }
         summary = (f"{len(jobs)} MatMul -> MatMulNBits ({o.bits}-bit, block {o.block_size}, "
                    f"{'symmetric' if o.symmetric else 'asymmetric'}; {len(packed)} weights"

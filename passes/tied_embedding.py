@@ -45,6 +45,10 @@ class TiedEmbeddingOptions:
     accuracy_level: int | None = option(None, "MatMulNBits accuracy_level for the lm_head (None: attribute omitted)")
     symmetric: bool = option(True, "true: signed scale, implicit zero point (no zero_points tensor); false: per-block "
                                    "min/max with uint8 zero points (MatMulNBits input 3; the lookup reads them too)")
+    method: str = option("rtn", "rtn: round-to-nearest; search: per-block scale/zero-point search minimising the "
+                                "weighted error, same stored form (passes/_quant.py); gptq: error compensation along "
+                                "the lm_head input's statistics (needs calibration; passes/_gptq.py)")
+    calibration: str = option("", "statistics file from graphkit convert --calibration (graphkit/calibration.py)")
 
 
 @dataclass
@@ -99,6 +103,10 @@ class TiedEmbeddingPass(GraphPass):
 
     def validate_options(self) -> None:
         o = self.options
+        if o.method not in ("rtn", "search", "gptq"):
+            raise GraphkitError(f"tied-embedding: method must be rtn, search or gptq, got {o.method!r}")
+        if o.method == "gptq" and not o.calibration:
+            raise GraphkitError("tied-embedding: method=gptq needs calibration statistics (calibration=FILE)")
         if o.bits not in (4, 8):
             raise GraphkitError(f"tied-embedding: bits must be 4 or 8, got {o.bits}")
         if o.block_size < 16 or o.block_size > 256 or o.block_size & (o.block_size - 1):
@@ -119,7 +127,23 @@ class TiedEmbeddingPass(GraphPass):
         inits = _inits(g)
         E = tensors.array(inits[tie.table])
         vocab, hidden = E.shape
-        packed, scales, zps = quantize_blockwise(E.T, o.bits, o.block_size, symmetric=o.symmetric, name=tie.table)
+        H = imp = None
+        if o.calibration:
+            from graphkit.calibration import Stats
+            stats = Stats(o.calibration)
+            H = stats.hessian(tie.table, tie.head.input[0])
+            imp = stats.importance(tie.table, tie.head.input[0])
+            H = H if H is not None and H.shape == (hidden, hidden) else None
+            imp = imp if imp is not None and imp.shape == (hidden,) else None
+        if o.method == "gptq" and H is not None:
+            from passes._gptq import gptq_quantize
+            from passes._quant import check_finite
+            check_finite(E, tie.table, "tied-embedding")
+            packed, scales, zps = gptq_quantize(np.ascontiguousarray(E.T), H, o.bits, o.block_size, o.symmetric)
+        else:
+            packed, scales, zps = quantize_blockwise(E.T, o.bits, o.block_size, symmetric=o.symmetric, name=tie.table,
+                                                     method="search" if o.method == "gptq" else o.method,
+                                                     importance=imp)
         kb = k_blocks(hidden, o.block_size)
         base = tie.table.replace("/", "_").strip("_") or "embed"
         names = {k: f"{base}_{k}" for k in ("q", "scales", "zero_points")}

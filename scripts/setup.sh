@@ -9,10 +9,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import graphkit, torch, pytest, hypothesis" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.graphkit-installed ]; then
-  echo "[setup] installing Python packages (torch==2.13.0 CPU first)"
+   || [ pyproject.toml -nt .venv/.graphkit-installed ] || [ constraints.txt -nt .venv/.graphkit-installed ]; then
+  echo "[setup] installing Python packages (torch==2.13.0 CPU first; exact versions from constraints.txt)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  # the distribution was called "graphkit" before it took its own PyPI name (onnx-graphkit)
+  if .venv/bin/pip show -q graphkit >/dev/null 2>&1; then .venv/bin/pip uninstall -q -y graphkit; fi
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[export,test]"
   touch .venv/.graphkit-installed
 fi
 if [ "${GRAPHKIT_SKIP_JS:-0}" != "1" ]; then

@@ -37,8 +37,8 @@ def test_folder_layout(converted):
     assert "use_external_data_format" not in cfg["transformers.js_config"]  # small model: single files
     # nothing temporary left beside the output or inside it
     assert sorted(p.name for p in out.parent.iterdir()) == ["epicrisis-tiny"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "onnx", "tokenizer.json",
-                                                    "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["USAGE.md", "config.json", "generation_config.json", "onnx",
+                                                    "tokenizer.json", "tokenizer_config.json"]
     assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(FILES.values())
 
 

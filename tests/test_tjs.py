@@ -136,3 +136,34 @@ def test_fused_variants_in_transformersjs(case, fused, client, device, dtype):
     prompts = prompts[:2] if client == "chromium" else prompts
     result = run_client(fused, dtype, [p["messages"] for p in prompts], NEW_TOKENS, client, device=device)
     _check(fused, prompts, eos, dtype, result)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, golden):
+    """`graphkit convert --calibration data.jsonl --size-budget 1.3x`: GPTQ on the user's data and the most sensitive
+    MatMuls at int8 (MatMulInteger) inside the 4-bit files (docs/quantization.md)."""
+    import subprocess
+    import sys
+    tmp = tmp_path_factory.mktemp("calibrated")
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": p["messages"] + [{"role": "assistant", "content": p["greedy_text_adapter"]}]},
+                                       ensure_ascii=False) + "\n" for p in golden["prompts"]), encoding="utf-8")
+    out = tmp / "epicrisis-calibrated"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--dtypes", "fp32,q4,q4f16", "--calibration", str(data),
+                          "--size-budget", "1.3x", "--output", str(out), "--json", "--no-agreement"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return out, json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("dtype", ["q4", "q4f16"])
+def test_calibrated_mixed_files_in_transformersjs(case, calibrated, dtype):
+    import onnx
+    folder, summary = calibrated
+    _, prompts, eos = case
+    entry = next(d for d in summary["dtypes"] if d["dtype"] == dtype)
+    assert summary["calibration"]["source"].endswith("train.jsonl") and entry["mixed"]["kept"], entry
+    ops = {n.op_type for n in onnx.load(str(variant_path(folder, dtype)), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "MatMulInteger"} <= ops
+    result = run_client(folder, dtype, [p["messages"] for p in prompts], NEW_TOKENS, "node")
+    _check(folder, prompts, eos, dtype, result)
