@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build the shipped, trained example model `graphkit/examples/epicrisis-tiny/`.
 
-What it does (deterministic: fixed seeds, deterministic torch algorithms, 2 threads):
+What it does (deterministic: fixed seeds, deterministic torch algorithms, a fixed thread count: ``--threads``,
+default 1 — float summation order, and so the weights, depend on it):
 
 1. Generates a synthetic corpus of short Spanish clinical notes from templates
    (plain notes + ChatML chats where the assistant writes a short free-text note).
@@ -12,11 +13,16 @@ What it does (deterministic: fixed seeds, deterministic torch algorithms, 2 thre
 4. Trains a peft LoRA adapter (r=8, alpha=16, all seven projections) that teaches the
    model to answer "Redacta la epicrisis del paciente: ..." with a structured
    epicrisis (Motivo de ingreso / Diagnóstico / Tratamiento / Evolución /
-   Indicaciones al alta) -> ``adapter/``.
-5. Checks greedy outputs of base and base+adapter and prints them.
+   Indicaciones al alta) that copies the patient's sex, age, dose, stay and diagnosis
+   from the prompt -> ``adapter/``.
+5. Writes the fine-tuning data as a user would have it -> ``data/train.jsonl`` (the first
+   240 of the 6000 adapter conversations) and ``data/validation.jsonl`` (24 held-out cases),
+   chat JSONL ``{"messages": [...]}``.
+6. Checks greedy outputs of base and base+adapter, and the facts copied on the held-out
+   cases (golden + validation), and prints them.
 
 Not run by CI. Run with:  .venv/bin/python scripts/make_example_model.py
-Takes about 10-15 minutes on 2 CPU cores. ``golden/make_golden.py`` imports this file
+Takes about 15-20 minutes on a free CPU core (much longer on a busy machine). ``golden/make_golden.py`` imports this file
 (for the held-out golden cases and the prompt formatter), so keep module import cheap.
 """
 from __future__ import annotations
@@ -99,7 +105,7 @@ DIAGNOSES = [
         "sintomas": "poliuria, polidipsia y baja de peso",
     },
     {
-        "dx": "EPOC exacerbado",
+        "dx": "EPOC exacerbada",
         "motivos": ["aumento de disnea y expectoración", "tos y sibilancias", "disnea en reposo"],
         "tx": ["salbutamol e ipratropio nebulizados y prednisona", "broncodilatadores y corticoides sistémicos",
                "oxigenoterapia, broncodilatadores y azitromicina"],
@@ -115,6 +121,7 @@ DIAGNOSES = [
     },
     {
         "dx": "accidente cerebrovascular isquémico",
+        "art": "el",
         "motivos": ["hemiparesia derecha de inicio súbito", "alteración del habla y debilidad",
                     "desviación de la comisura labial"],
         "tx": ["aspirina y atorvastatina", "trombólisis con alteplasa", "antiagregación y rehabilitación precoz"],
@@ -173,17 +180,48 @@ EVOLUCIONES = [
 # Golden (held-out) cases: these exact (edad, sexo, diagnóstico) combinations never
 # appear in any training example; golden/make_golden.py builds its prompts from them.
 GOLDEN_CASES = [
-    {"edad": 72, "sexo": "masculino", "dx": 0, "motivo": 1, "tx": 2, "evol": 1, "dias": 6},
-    {"edad": 58, "sexo": "femenino", "dx": 1, "motivo": 0, "tx": 1, "evol": 2, "dias": 9},
-    {"edad": 23, "sexo": "masculino", "dx": 2, "motivo": 2, "tx": 0, "evol": 4, "dias": 3},
-    {"edad": 45, "sexo": "femenino", "dx": 3, "motivo": 1, "tx": 0, "evol": 5, "dias": 4},
-    {"edad": 81, "sexo": "femenino", "dx": 5, "motivo": 1, "tx": 0, "evol": 3, "dias": 7},
+    {"edad": 72, "sexo": "masculino", "dx": 0, "motivo": 1, "tx": 2, "evol": 1, "dias": 6, "dosis": 500},
+    {"edad": 58, "sexo": "femenino", "dx": 1, "motivo": 0, "tx": 1, "evol": 2, "dias": 9, "dosis": 40},
+    {"edad": 23, "sexo": "masculino", "dx": 2, "motivo": 2, "tx": 0, "evol": 4, "dias": 3, "dosis": 1000},
+    {"edad": 45, "sexo": "femenino", "dx": 3, "motivo": 1, "tx": 0, "evol": 5, "dias": 4, "dosis": 10},
+    {"edad": 81, "sexo": "femenino", "dx": 5, "motivo": 1, "tx": 0, "evol": 3, "dias": 7, "dosis": 250},
 ]
-_HELDOUT = {(c["edad"], c["sexo"], c["dx"]) for c in GOLDEN_CASES}
+# Daily doses (mg) of the main drug: a third number the epicrisis must copy from the prompt.
+DOSES_MG = [5, 10, 20, 25, 40, 50, 80, 100, 200, 250, 400, 500, 750, 1000]
+N_TRAIN_JSONL, N_VALID_JSONL = 240, 24
+
+
+def _validation_cases() -> list[dict]:
+    """Held-out cases for data/validation.jsonl (their own RNG, so the training data doesn't shift them)."""
+    rng = random.Random(SEED + 7)
+    seen = {(c["edad"], c["sexo"], c["dx"]) for c in GOLDEN_CASES}
+    out = []
+    while len(out) < N_VALID_JSONL:
+        di = rng.randrange(len(DIAGNOSES))
+        d = DIAGNOSES[di]
+        case = {"edad": rng.randint(18, 95), "sexo": rng.choice(["masculino", "femenino"]), "dx": di,
+                "motivo": rng.randrange(len(d["motivos"])), "tx": rng.randrange(len(d["tx"])),
+                "evol": rng.randrange(len(EVOLUCIONES)), "dias": rng.randint(2, 20), "dosis": rng.choice(DOSES_MG)}
+        if (case["edad"], case["sexo"], case["dx"]) not in seen:
+            seen.add((case["edad"], case["sexo"], case["dx"]))
+            out.append(case)
+    return out
+
+
+VALIDATION_CASES = _validation_cases()
+_HELDOUT = {(c["edad"], c["sexo"], c["dx"]) for c in GOLDEN_CASES + VALIDATION_CASES}
 
 
 def _cap(s: str) -> str:
     return s[0].upper() + s[1:]
+
+
+def _art(d: dict) -> str:
+    return d.get("art", "la")
+
+
+def _de(d: dict) -> str:
+    return "del" if _art(d) == "el" else "de la"
 
 
 def case_fields(case: dict) -> dict:
@@ -197,6 +235,8 @@ def case_fields(case: dict) -> dict:
         "tx": d["tx"][case["tx"]],
         "evol": EVOLUCIONES[case["evol"]],
         "dias": case["dias"],
+        "dosis": case["dosis"],
+        "tx_dosis": f"{d['tx'][case['tx']]}, {case['dosis']} mg al día",
         "alta": d["alta"],
         "hosp": "hospitalizado" if case["sexo"] == "masculino" else "hospitalizada",
         "sexo_cap": "Hombre" if case["sexo"] == "masculino" else "Mujer",
@@ -207,7 +247,7 @@ def datos_clinicos(f: dict) -> str:
     """The clinical data block that goes into the user prompt."""
     # Values are capitalised exactly as in the epicrisis, so copying is token-for-token.
     return (f"{f['sexo_cap']} de {f['edad']} años. Motivo: {_cap(f['motivo'])}. Diagnóstico: {_cap(f['dx'])}. "
-            f"Tratamiento: {_cap(f['tx'])}. Evolución: {_cap(f['evol'])}. Estadía: {f['dias']} días.")
+            f"Tratamiento: {_cap(f['tx_dosis'])}. Evolución: {_cap(f['evol'])}. Estadía: {f['dias']} días.")
 
 
 def epicrisis_request(case: dict) -> str:
@@ -216,10 +256,29 @@ def epicrisis_request(case: dict) -> str:
 
 
 def epicrisis_answer(case: dict) -> str:
+    """The adapter's answer. The patient line comes first and repeats the prompt's "Mujer de 42 años"
+    verbatim: a 4-layer model copies a span right after a label reliably (as it does for the treatment
+    and its dose). Measured on the 29 held-out cases (golden + validation): "Paciente femenino de 42 años"
+    at the end of the evolution came out as the prior's "masculino de 27 años" for most of them (first
+    run: 52/116 facts); this layout copies every age, stay, dose and diagnosis (100/116), but the sex word
+    right after "Paciente:" is still often the prior's (all 16 misses: 15 women written as men, 1 man as a woman)."""
+    f = case_fields(case)
+    return (f"Paciente: {f['sexo_cap']} de {f['edad']} años.\n"
+            f"Motivo de ingreso: {_cap(f['motivo'])}.\n"
+            f"Diagnóstico: {_cap(f['dx'])}.\n"
+            f"Tratamiento: {_cap(f['tx_dosis'])}.\n"
+            f"Evolución: {_cap(f['evol'])}. {_cap(f['hosp'])} durante {f['dias']} días.\n"
+            f"Indicaciones al alta: {_cap(f['alta'])}.")
+
+
+def _tokenizer_answer(case: dict) -> str:
+    """The answer layout the shipped BPE vocabulary was trained on (an earlier layout of epicrisis_answer);
+    kept for the tokenizer's training text only, so that a full run reproduces the shipped tokenizer and
+    base model (a changed text changes the merges, and so every token id)."""
     f = case_fields(case)
     return (f"Motivo de ingreso: {_cap(f['motivo'])}.\n"
             f"Diagnóstico: {_cap(f['dx'])}.\n"
-            f"Tratamiento: {_cap(f['tx'])}.\n"
+            f"Tratamiento: {_cap(f['tx_dosis'])}.\n"
             f"Evolución: {_cap(f['evol'])}. Paciente {f['sexo']} de {f['edad']} años, "
             f"{f['hosp']} durante {f['dias']} días.\n"
             f"Indicaciones al alta: {_cap(f['alta'])}.")
@@ -237,6 +296,7 @@ def random_case(rng: random.Random) -> dict:
             "tx": rng.randrange(len(d["tx"])),
             "evol": rng.randrange(len(EVOLUCIONES)),
             "dias": rng.randint(2, 20),
+            "dosis": rng.choice(DOSES_MG),
         }
         if (case["edad"], case["sexo"], case["dx"]) not in _HELDOUT:
             return case
@@ -255,21 +315,36 @@ SYSTEMS = [DEFAULT_SYSTEM] * 6 + ["Eres un médico internista.", "Eres un asiste
 
 def plain_note(rng: random.Random) -> str:
     f = case_fields(random_case(rng))
-    t = rng.randrange(5)
+    t = rng.randrange(7)
+    if t == 5:
+        # A form-like record: teaches line structure and every word the epicrisis uses
+        # (but with other headers: "Motivo de consulta", "Indicaciones"). Without it the
+        # epicrisis tokens ("Motivo", ".\n", ...) keep untrained tied embeddings and the
+        # adapter can only make them top-1 with a flat distribution.
+        return (f"Ficha clínica.\nPaciente: {f['sexo_cap']} de {f['edad']} años.\n"
+                f"Motivo de consulta: {_cap(f['motivo'])}.\nDiagnóstico: {_cap(f['dx'])}.\n"
+                f"Tratamiento: {_cap(f['tx_dosis'])}.\nEvolución: {_cap(f['evol'])}. Paciente {f['sexo']} de "
+                f"{f['edad']} años, {f['hosp']} durante {f['dias']} días.\nIndicaciones: {_cap(f['alta'])}.")
+    if t == 6:
+        # Copy-heavy note (numbers repeated later): encourages induction / copying of digits.
+        reg = rng.randint(100, 999999)
+        return (f"Registro {reg}. {f['sexo_cap']} de {f['edad']} años, {f['hosp']} durante {f['dias']} días "
+                f"por {f['dx']}. Se confirma el registro {reg}: paciente {f['sexo']} de {f['edad']} años, "
+                f"estadía de {f['dias']} días.")
     if t == 0:
         return (f"Paciente {f['sexo']} de {f['edad']} años que consulta por {f['motivo']}. "
                 f"Se diagnostica {f['dx']} y se inicia {f['tx']}. Evolución {f['evol']}. "
                 f"Alta tras {f['dias']} días de hospitalización.")
     if t == 1:
         return (f"Nota de ingreso. {f['sexo_cap']} de {f['edad']} años, ingresa por {f['motivo']}. "
-                f"Impresión diagnóstica: {f['dx']}. Plan: {f['tx']}.")
+                f"Impresión diagnóstica: {f['dx']}. Plan: {f['tx_dosis']}.")
     if t == 2:
         k = rng.randint(2, 6)
         return (f"Nota de evolución, día {k}. Paciente de {f['edad']} años con {f['dx']}. "
                 f"Recibe {f['tx']}. Evolución {f['evol']}.")
     if t == 3:
         d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
-        return (f"La {d['dx']} se manifiesta habitualmente con {d['sintomas']}. "
+        return (f"{_cap(_art(d))} {d['dx']} se manifiesta habitualmente con {d['sintomas']}. "
                 f"El tratamiento incluye {rng.choice(d['tx'])}.")
     return (f"Paciente de sexo {f['sexo']}, {f['edad']} años. Antecedente de {f['dx']}. "
             f"Consulta por {f['motivo']}. Se indica {f['tx']}. {_cap(f['hosp'])} {f['dias']} días.")
@@ -278,23 +353,27 @@ def plain_note(rng: random.Random) -> str:
 def base_chat(rng: random.Random) -> str:
     """A ChatML conversation where the assistant answers with a short free-text note."""
     system = rng.choice(SYSTEMS)
-    t = rng.randrange(6)
+    t = rng.randrange(7)
     if t <= 3:
         f = case_fields(random_case(rng))
         instr = ["Resume el caso clínico: ", "Escribe una nota clínica breve: ", "Resume la hospitalización: ",
                  "Describe al paciente: "][t]
         user = instr + datos_clinicos(f)
         ans = (f"Paciente {f['sexo']} de {f['edad']} años que consulta por {f['motivo']}. "
-               f"Se diagnostica {f['dx']} y se trata con {f['tx']}. Evolución {f['evol']}. "
+               f"Se diagnostica {f['dx']} y se trata con {f['tx_dosis']}. Evolución {f['evol']}. "
                f"Alta tras {f['dias']} días de hospitalización.")
     elif t == 4:
         d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
-        user = f"¿Qué síntomas produce la {d['dx']}?"
-        ans = f"La {d['dx']} suele producir {d['sintomas']}."
+        user = f"¿Qué síntomas produce {_art(d)} {d['dx']}?"
+        ans = f"{_cap(_art(d))} {d['dx']} suele producir {d['sintomas']}."
+    elif t == 5:
+        d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
+        user = f"¿Qué indicaciones se dan al alta en {_art(d)} {d['dx']}?"
+        ans = f"Al alta se indica {d['alta']}."
     else:
         d = DIAGNOSES[rng.randrange(len(DIAGNOSES))]
-        user = f"¿Cuál es el tratamiento de la {d['dx']}?"
-        ans = f"El tratamiento habitual de la {d['dx']} incluye {', '.join(d['tx'][:-1])} o {d['tx'][-1]}."
+        user = f"¿Cuál es el tratamiento {_de(d)} {d['dx']}?"
+        ans = f"El tratamiento habitual {_de(d)} {d['dx']} incluye {', '.join(d['tx'][:-1])} o {d['tx'][-1]}."
     return chatml([{"role": "user", "content": user}, {"role": "assistant", "content": ans}], system)
 
 
@@ -305,15 +384,32 @@ def base_corpus(rng: random.Random, n_docs: int) -> list[str]:
     return docs
 
 
-def lora_examples(rng: random.Random, n: int) -> list[tuple[str, str]]:
+def lora_cases(rng: random.Random, n: int) -> list[tuple[dict, str]]:
+    """(case, system message) for each adapter training example."""
+    return [(random_case(rng), rng.choice(SYSTEMS)) for _ in range(n)]
+
+
+def lora_examples(cases: list[tuple[dict, str]]) -> list[tuple[str, str]]:
     """(prompt incl. generation prompt, answer incl. <|im_end|>) pairs for the adapter."""
     out = []
-    for _ in range(n):
-        case = random_case(rng)
-        system = rng.choice(SYSTEMS)
+    for case, system in cases:
         prompt = chatml([{"role": "user", "content": epicrisis_request(case)}], system) + "<|im_start|>assistant\n"
         out.append((prompt, epicrisis_answer(case) + "<|im_end|>"))
     return out
+
+
+def chat_record(case: dict, system: str = DEFAULT_SYSTEM) -> dict:
+    """One fine-tuning JSONL record ({"messages": [...]}, the format TRL/OpenAI fine-tuning use);
+    the system message is left out when it is the template's default, as users often do."""
+    msgs = [] if system == DEFAULT_SYSTEM else [{"role": "system", "content": system}]
+    msgs += [{"role": "user", "content": epicrisis_request(case)},
+             {"role": "assistant", "content": epicrisis_answer(case)}]
+    return {"messages": msgs}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------
@@ -416,11 +512,13 @@ def save_tokenizer(tok, out: Path) -> dict:
 # ----------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------
-def setup_torch():
+def setup_torch(threads: int = 1):
     import torch
 
     torch.manual_seed(SEED)
-    torch.set_num_threads(2)
+    # One thread by default: on a shared machine two threads spend most of their time waiting for each
+    # other, and the result must not depend on how busy the machine is.
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     return torch
 
@@ -557,9 +655,11 @@ README_ADAPTER = """# epicrisis-tiny / adapter
 A peft LoRA adapter (r=8, lora_alpha=16, no dropout, targets q_proj, k_proj, v_proj, o_proj,
 gate_proj, up_proj, down_proj; task CAUSAL_LM) for `../base/`, trained by
 `scripts/make_example_model.py` on ChatML prompts "Redacta la epicrisis del paciente: <datos>"
-with the loss on the assistant tokens only. The assistant writes a structured epicrisis with the
-sections "Motivo de ingreso:", "Diagnóstico:", "Tratamiento:", "Evolución:" and
-"Indicaciones al alta:", filled from the prompt's data.
+with the loss on the assistant tokens only. The assistant writes a structured epicrisis: a first
+line repeating the patient ("Epicrisis del paciente: Mujer de 72 años."), then the sections
+"Motivo de ingreso:", "Diagnóstico:", "Tratamiento:" (with the daily dose), "Evolución:" (with the
+stay) and "Indicaciones al alta:", filled from the prompt's data. Its training conversations are
+sampled in `../data/train.jsonl`; `../data/validation.jsonl` holds held-out cases.
 
 Load with:
 
@@ -575,28 +675,33 @@ model = PeftModel.from_pretrained(base, "graphkit/examples/epicrisis-tiny/adapte
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT_DIR)
-    ap.add_argument("--base-steps", type=int, default=1200)
-    ap.add_argument("--lora-steps", type=int, default=400)
+    ap.add_argument("--base-steps", type=int, default=1000)
+    ap.add_argument("--lora-steps", type=int, default=450)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lora-batch", type=int, default=16)
     ap.add_argument("--base-lr", type=float, default=3e-3)
     ap.add_argument("--lora-lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the weights depend on it)")
     ap.add_argument("--reuse-base", action="store_true",
                     help="development aid: keep an existing OUT/base and only retrain the adapter")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAYON_NUM_THREADS", "2")
-    torch = setup_torch()
+    torch = setup_torch(args.threads)
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     T0 = time.time()
     rng = random.Random(SEED)
     base_docs = base_corpus(rng, 12000)
-    lora_ex = lora_examples(rng, 6000)
-    tok_text = base_docs + [p + a for p, a in lora_ex[:2000]] + tokenizer_extra_text(rng)
+    lora_cs = lora_cases(rng, 6000)
+    lora_ex = lora_examples(lora_cs)
+    extra = tokenizer_extra_text(rng)
+    tok_ex = [(p, _tokenizer_answer(c) + "<|im_end|>") for (p, _), (c, _s) in zip(lora_ex[:2000], lora_cs)]
+    tok_text = base_docs + [p + a for p, a in tok_ex] + extra
+    base_docs = base_docs + extra  # so that every token's embedding gets some training
 
     base_dir, adapter_dir = args.out / "base", args.out / "adapter"
     for d in ((adapter_dir,) if args.reuse_base else (base_dir, adapter_dir)):
@@ -645,7 +750,7 @@ def main(argv=None):
         print(f"base corpus: {len(base_docs)} docs, {stream.numel():,} tokens")
 
         t = time.time()
-        base_loss = train_base(model, stream, args.base_steps, args.seq_len, args.batch, args.base_lr, log_every=100)
+        base_loss = train_base(model, stream, args.base_steps, args.seq_len, args.batch, args.base_lr, log_every=50)
         base_time = time.time() - t
         print(f"base training: {base_time:.0f}s, final loss (ema) {base_loss:.4f}")
 
@@ -682,8 +787,15 @@ def main(argv=None):
     pmodel.save_pretrained(adapter_dir, safe_serialization=True)
     acj = json.loads((adapter_dir / "adapter_config.json").read_text())
     acj["base_model_name_or_path"] = "epicrisis-tiny/base"
+    acj["target_modules"] = sorted(acj["target_modules"])  # peft writes a set: order varies run to run
     (adapter_dir / "adapter_config.json").write_text(json.dumps(acj, indent=2, sort_keys=True) + "\n")
     (adapter_dir / "README.md").write_text(README_ADAPTER)
+
+    # --- the fine-tuning data, as a user would have it (chat JSONL) ----------------
+    # train.jsonl: the first examples the adapter was trained on (a sample: it saw 6000);
+    # validation.jsonl: held-out cases (their (age, sex, diagnosis) never occur in training).
+    write_jsonl(args.out / "data" / "train.jsonl", [chat_record(c, s) for c, s in lora_cs[:N_TRAIN_JSONL]])
+    write_jsonl(args.out / "data" / "validation.jsonl", [chat_record(c) for c in VALIDATION_CASES])
 
     # --- checks ------------------------------------------------------------------
     base_m = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).eval()
@@ -714,12 +826,31 @@ def main(argv=None):
     print("--- expected:\n" + epicrisis_answer(GOLDEN_CASES[0]))
     if not all(h in full_text for h in headers):
         ok = False
+    # Facts copied from the prompt (sex, age, stay, dose) in the full answer, held-out cases.
+    kept, total = 0, 0
+    for case in GOLDEN_CASES + VALIDATION_CASES:
+        f = case_fields(case)
+        msgs = [{"role": "user", "content": epicrisis_request(case)}]
+        ids = torch.tensor([tok_hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)])
+        with torch.no_grad():
+            full = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=160)
+        ans = tok_hf.decode(full[0, ids.shape[1]:], skip_special_tokens=True)
+        facts = [f"{f['sexo_cap']} de {f['edad']} años", f"durante {f['dias']} días", f"{f['dosis']} mg", f["dx"]]
+        got = [x for x in facts if x.lower() in ans.lower()]
+        kept, total = kept + len(got), total + len(facts)
+        if len(got) < len(facts):
+            print(f"  facts missed: {sorted(set(facts) - set(got))} in {ans!r}")
+    print(f"facts copied from the prompt on held-out cases: {kept}/{total}")
+    if kept < 0.95 * total:
+        ok = False
 
-    sizes = {p.name: p.stat().st_size for d in (base_dir, adapter_dir) for p in sorted(d.iterdir())}
+    sizes = {p.name: p.stat().st_size for d in (base_dir, adapter_dir, args.out / "data") for p in sorted(d.iterdir())}
     print("\nfiles:", json.dumps(sizes, indent=1))
     print(f"total time {time.time() - T0:.0f}s; base loss {base_loss:.4f}; lora loss {lora_loss:.4f}")
     if not ok:
-        print("CHECK FAILED: adapter output lacks epicrisis headers or equals base output", file=sys.stderr)
+        print("CHECK FAILED: adapter output lacks epicrisis headers, equals base output, or misses facts",
+              file=sys.stderr)
         return 1
     print("checks OK")
     return 0

@@ -75,6 +75,21 @@ def test_prompt_completion_and_text(tmp_path, tok):
     assert ex.answer_ids[-1] == tok.eos_token_id  # a plain completion ends with eos, as TRL trains it
 
 
+def test_shipped_example_data(tok):
+    """The example ships its fine-tuning data; the validation prompts' facts are in their answers."""
+    train, valid = read_records(TRAIN), read_records(VALID)
+    assert len(train) >= 100 and len(valid) >= 16 and all(r.kind == "messages" for r in train + valid)
+    exs = verification_examples(VALID, BASE, tokenizer=tok)
+    for ex in exs:
+        facts = facts_taken(ex.prompt_text, ex.answer_text)
+        assert {"sexo: masculino", "sexo: femenino"} & facts and any(f.endswith(" años") for f in facts)
+        assert any(f.endswith(" días") for f in facts) and any(f.endswith(" mg") for f in facts)
+        assert any(f.startswith("dx: ") for f in facts), ex.answer_text
+    # validation cases never occur in training (age, sex, diagnosis held out)
+    train_prompts = {r.messages[-2]["content"] for r in train}
+    assert not train_prompts & {r.messages[-2]["content"] for r in valid}
+
+
 # ---------------------------------------------------------------- facts
 
 

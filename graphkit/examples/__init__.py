@@ -1,7 +1,8 @@
 """Shipped example models (data, not code).
 
 ``epicrisis-tiny/`` holds a tiny trained Qwen2 causal LM (``base/``) and a peft LoRA
-adapter for it (``adapter/``), built by ``scripts/make_example_model.py``.
+adapter for it (``adapter/``), with its fine-tuning data (``data/``: train and validation
+JSONL), built by ``scripts/make_example_model.py``.
 """
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def base_dir() -> Path:
 def adapter_dir() -> Path:
     """The peft LoRA adapter folder (adapter_config.json, adapter_model.safetensors)."""
     return example_dir() / "adapter"
+
+
+def data_dir() -> Path:
+    """The fine-tuning data as a user would have it: ``train.jsonl`` (a sample of the adapter's training
+    examples) and ``validation.jsonl`` (held-out cases), chat format ``{"messages": [...]}``."""
+    return example_dir() / "data"

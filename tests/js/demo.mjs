@@ -26,7 +26,7 @@ const loadMs = performance.now() - t0;
 const messages = [{
   role: 'user',
   content: 'Redacta la epicrisis del paciente: Mujer de 72 años. Motivo: Fiebre y tos productiva. '
-    + 'Diagnóstico: Neumonía adquirida en la comunidad. Tratamiento: Ceftriaxona y azitromicina. '
+    + 'Diagnóstico: Neumonía adquirida en la comunidad. Tratamiento: Ceftriaxona y azitromicina, 500 mg al día. '
     + 'Evolución: Favorable, afebril al segundo día. Estadía: 6 días.',
 }];
 const inputs = tokenizer.apply_chat_template(messages, { add_generation_prompt: true, return_dict: true });
