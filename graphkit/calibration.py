@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from graphkit.errors import GraphkitError
+from passes._calib_stats import META_KEY, Stats  # noqa: F401  (Stats: the reader of what collect_stats writes)
 
 FULL_MAX_K = 4096
 
@@ -94,50 +95,12 @@ def collect_stats(model_path: Path, sequences: list[list[int]], out: Path, full_
     for name, acc in sums.items():
         arrays[name] = (acc / count).astype(np.float32)
     meta = {"map": sorted(pairs.items()), "tokens": count, "sequences": len(sequences)}
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     out = Path(out)
     tmp_out = out.with_name(out.name + ".tmp.npz")
     np.savez(tmp_out, **arrays)
     os.replace(tmp_out, out)
     return meta
-
-
-class Stats:
-    """Reads a stats file written by :func:`collect_stats`: ``hessian(weight)`` / ``importance(weight)``."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        if not path.exists():
-            raise GraphkitError(f"{path}: calibration statistics not found (written by graphkit convert --calibration)")
-        try:
-            self._z = np.load(path)
-            meta = json.loads(bytes(self._z["__meta__"]).decode())
-        except Exception as exc:
-            raise GraphkitError(f"{path}: not a calibration statistics file ({type(exc).__name__}); "
-                                "re-run graphkit convert --calibration") from None
-        self.map = dict(meta["map"])
-        self.tokens = meta["tokens"]
-        self._cache: dict[str, np.ndarray] = {}
-
-    def _get(self, weight: str, activation: str | None = None) -> np.ndarray | None:
-        act = self.map.get(weight)
-        if act is None or act not in self._z.files:
-            act = activation  # a weight made by an earlier pass (pack-matmul): the activation it reads
-        if act is None or act not in self._z.files:
-            return None
-        if act not in self._cache:
-            self._cache = {act: self._z[act]}  # keep one: q/k/v (gate/up) read the same activation in a row
-        return self._cache[act]
-
-    def hessian(self, weight: str, activation: str | None = None) -> np.ndarray | None:
-        a = self._get(weight, activation)
-        return a if a is not None and a.ndim == 2 else None
-
-    def importance(self, weight: str, activation: str | None = None) -> np.ndarray | None:
-        a = self._get(weight, activation)
-        if a is None:
-            return None
-        return np.diag(a).copy() if a.ndim == 2 else a
 
 
 def self_generated_sequences(model_path: Path, prefix: list[int], n: int = 32, length: int = 96, seed: int = 0,

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from graphkit.inspect import all_initializers, all_nodes, attr_value, tensor_array
+from graphkit.modelview import all_initializers, all_nodes, attr_value, tensor_array
 from graphkit.tjs_contract import INPUT_IDS, LOGITS
 
 REQUANT_FIX = ("re-quantize from the fp32 model with per-token activation scales: `graphkit convert FOLDER -o OUT` "

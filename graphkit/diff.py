@@ -17,9 +17,9 @@ import onnx
 from rich.markup import escape
 
 from graphkit.errors import GraphkitError
-from graphkit.inspect import (PAST_RE, same_values, all_initializers, all_nodes, dtype_name, external_files, io_entry,
-                              shape_str, tensor_array, tensor_nbytes)
+from graphkit.inspect import PAST_RE, same_values, dtype_name, external_files, io_entry, shape_str, tensor_nbytes
 from graphkit.modelio import load_model
+from graphkit.modelview import all_initializers, all_nodes, tensor_array
 from graphkit.tjs_contract import DECODER_INPUTS, INPUT_IDS, LOGITS, past_to_present
 
 LIST_CAP = 500  # longest node/initializer list kept in the JSON (counts are always complete)

@@ -19,6 +19,7 @@ from onnx import TensorProto
 from rich.markup import escape
 
 from graphkit.modelio import iter_tensors, load_model
+from graphkit.modelview import all_initializers, all_nodes, attr_value, tensor_array
 from graphkit.tjs_contract import (CHUNK_LIMIT, DTYPE_SUFFIX, KNOWN_INPUTS, KV_CACHE_DTYPE, PAST_RE, PRESENT_RE,
                                    TJS_CONFIG, USE_EXTERNAL_DATA, external_data_pattern, split_file_name)
 
@@ -53,55 +54,12 @@ def tensor_nbytes(t: TensorProto) -> int:
         return 0
 
 
-def tensor_array(t: TensorProto, base_dir: Path) -> np.ndarray:
-    """The tensor's values; external data is memory-mapped, not read into memory."""
-    if t.data_location == TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in t.external_data}
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-        shape = tuple(t.dims)
-        if int(np.prod(shape)) == 0:
-            return np.zeros(shape, dtype)
-        return np.memmap(base_dir / info["location"], dtype=dtype, mode="r",
-                         offset=int(info.get("offset", 0) or 0), shape=shape)
-    return onnx.numpy_helper.to_array(t)
-
-
 def io_entry(vi: onnx.ValueInfoProto) -> dict[str, Any]:
     tt = vi.type.tensor_type
     shape = None
     if tt.HasField("shape"):
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
     return {"name": vi.name, "dtype": dtype_name(tt.elem_type), "shape": shape}
-
-
-def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    out = []
-    for node in graph.node:
-        out.append(node)
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                out.extend(all_nodes(g))
-    return out
-
-
-def all_initializers(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    inits = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    inits[node.output[0]] = attr.t
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                inits.update(all_initializers(g))
-    return inits
-
-
-def attr_value(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def external_files(model: onnx.ModelProto, base_dir: Path) -> list[dict[str, Any]]:

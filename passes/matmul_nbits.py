@@ -320,7 +320,7 @@ class MatMulNBitsPass(GraphPass):
         new_inits: list[TensorProto] = []
         stats = None
         if o.calibration:
-            from graphkit.calibration import Stats
+            from passes._calib_stats import Stats
             stats = Stats(o.calibration)
         methods: dict[str, str] = {}
         for job in jobs:

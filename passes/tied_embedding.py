@@ -131,7 +131,7 @@ class TiedEmbeddingPass(GraphPass):
         vocab, hidden = E.shape
         H = imp = None
         if o.calibration:
-            from graphkit.calibration import Stats
+            from passes._calib_stats import Stats
             stats = Stats(o.calibration)
             H = stats.hessian(tie.table, tie.head.input[0])
             imp = stats.importance(tie.table, tie.head.input[0])
