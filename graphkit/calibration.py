@@ -134,15 +134,28 @@ def self_generated_sequences(model_path: Path, prefix: list[int], n: int = 32, l
 
 def chat_prefix(tokenizer_dir: Path) -> list[int]:
     """The token ids that open a user turn in the folder's chat template (system prompt included), or the
-    BOS token when there is no template: where self-generated calibration starts."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    BOS token when there is no template: where self-generated calibration starts. Uses `tokenizers` and the
+    template as transformers renders it (graphkit.prompts), never transformers itself: convert from an ONNX
+    export must not import torch."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from graphkit.prompts import render_chat
+    folder = Path(tokenizer_dir)
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except Exception as exc:
+        raise GraphkitError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0][:150]})") from None
     marker = "\u2063calibration\u2063"
-    if tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    if cfg.get("chat_template"):
+        text = render_chat(cfg, [{"role": "user", "content": marker}])
         if marker in text:
-            return list(tok(text.split(marker)[0], add_special_tokens=False)["input_ids"])
-    for t in (tok.bos_token_id, tok.eos_token_id):
-        if t is not None:
-            return [int(t)]
+            return list(tok.encode(text.split(marker)[0], add_special_tokens=False).ids)
+    for key in ("bos_token", "eos_token"):
+        value = cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value and tok.token_to_id(value) is not None:
+            return [int(tok.token_to_id(value))]
     return [0]

@@ -63,21 +63,25 @@ def encode_prompts_tokenizers(tokenizer_dir: Path, prompts: list) -> list[list[i
         cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except Exception as exc:
         raise GraphkitError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0][:150]})") from None
-    template = None
     out = []
     for p in prompts:
         if isinstance(p, str):
             text = p
         else:
-            if template is None:
-                if not cfg.get("chat_template"):
-                    raise GraphkitError(f"{folder}: tokenizer has no chat_template; give prompts as plain strings")
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                    extensions=["jinja2.ext.loopcontrols"])
-                env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-                template = env.from_string(cfg["chat_template"])
-            special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
-            text = template.render(messages=p, add_generation_prompt=True, **special)
+            if not cfg.get("chat_template"):
+                raise GraphkitError(f"{folder}: tokenizer has no chat_template; give prompts as plain strings")
+            text = render_chat(cfg, p)
         out.append(tok.encode(text, add_special_tokens=False).ids)
     return out
+
+
+def render_chat(tokenizer_config: dict, messages: list[dict]) -> str:
+    """tokenizer_config.json's chat_template rendered with jinja2 as transformers does (trim_blocks,
+    lstrip_blocks, the special tokens as variables, the generation prompt added)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tokenizer_config.items()
+               if k.endswith("_token")}
+    return env.from_string(tokenizer_config["chat_template"]).render(messages=messages, add_generation_prompt=True,
+                                                                      **special)

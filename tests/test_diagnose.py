@@ -285,13 +285,16 @@ def test_convert_from_optimum_export_writes_every_dtype_and_verify_passes(from_o
 def test_convert_from_optimum_export_runs_in_transformersjs(from_optimum, golden, dtype):
     from graphkit.tjs import compare_tokens, python_reference, run_client, variant_path
     out, _ = from_optimum
-    prompts = golden["prompts"][:2]
+    from graphkit.prompts import encode_prompts_tokenizers
+    # the fixture is a snapshot of the first example (its own tokenizer): ids from the folder itself, not golden/
+    messages = [p["messages"] for p in golden["prompts"][:2]]
+    prompt_ids = encode_prompts_tokenizers(out, messages)
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
-    result = run_client(out, dtype, [p["messages"] for p in prompts], 32, "node")
+    result = run_client(out, dtype, messages, 32, "node")
     assert result["returncode"] == 0 and "error" not in result, result.get("error")
-    assert [r["prompt_ids"] for r in result["results"]] == [p["prompt_ids"] for p in prompts]
-    ref = python_reference(variant_path(out, dtype), [p["prompt_ids"] for p in prompts], 32, eos)
+    assert [r["prompt_ids"] for r in result["results"]] == prompt_ids
+    ref = python_reference(variant_path(out, dtype), prompt_ids, 32, eos)
     comps = compare_tokens(ref, result["results"])
     assert all(c.equal for c in comps), [(c.prompt, c.first_divergence) for c in comps]
     assert all("Motivo de ingreso" in r["text"] for r in result["results"])  # the merged adapter's behaviour
