@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import PassNotApplicable, PostconditionError, PreconditionError
-from graphkit.passbase import GraphPass, PassResult
+from graphkit.passbase import GraphPass, PassResult, Tolerance
 from graphkit.tjs_contract import NUM_LOGITS_TO_KEEP as INPUT
 from passes._fusion import MS_DOMAIN, fresh_name, taken_names
 
@@ -65,8 +65,10 @@ def _find_head(graph: onnx.GraphProto, output: str) -> onnx.NodeProto:
 
 class LogitsToKeepPass(GraphPass):
     name = "logits-to-keep"
-    tolerance = ("exact: logits equal the original graph's logits[:, -k:] for num_logits_to_keep = k >= 1 "
-                 "(every position for k = 0)")
+    tolerance = Tolerance("exact", 0.0, "the graph before the pass",
+                          "logits are the original graph's logits[:, -k:] for num_logits_to_keep = k >= 1, every "
+                          "position for k = 0; the KV cache is unchanged")
+    mutates_input = True  # edits the graph it is given (the pipeline copies when it must keep the input)
 
     def requires(self, model: onnx.ModelProto) -> None:
         g = model.graph

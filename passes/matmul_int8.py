@@ -321,6 +321,8 @@ class MatMulInt8Pass(GraphPass):
             t = inits.get(n.input[0])
             if t is None or axis != 0 or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
                 continue
+            if t.dims[1] < 2:  # a quantized table's per-row scales [V, 1] (this pass's own output), not an embedding
+                continue
             if n.input[1] in inits:  # constant indices: not an embedding lookup
                 continue
             if honour_exclude and self.options.exclude and _matches(n.name, self.options.exclude):

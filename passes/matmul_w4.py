@@ -47,7 +47,7 @@ from onnx import TensorProto
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError
-from graphkit.passbase import PassResult, option
+from graphkit.passbase import PassResult, Tolerance, option
 from passes import _quant
 from passes.matmul_int8 import MatMulInt8Pass, quantize_weight
 
@@ -70,9 +70,11 @@ class MatMulW4Options(MatMulInt8Pass.Options):
 class MatMulW4Pass(MatMulInt8Pass):
     name = "matmul-w4"
     Options = MatMulW4Options
-    tolerance = ("approximate (4-bit weights run as int8): per weight element |q8*s8 - W| <= |W4 - W| + s8/2, "
-                 "|W4 - W| <= half a 4-bit block step (passes/_quant.py; scales=float16: + |W - float16(W)| + 15*2^-11 steps), s8 = max|W4[:,n]|/127 (the q8 file's "
-                 "int8 step); activations as matmul-int8 (per-token). The expanded int8 bytes equal the graph's")
+    tolerance = Tolerance("top1", 0.90, "the fp32 graph",
+                          "4-bit weights run as int8: per weight element |q8*s8 - W| <= |W4 - W| + s8/2, |W4 - W| <= "
+                          "half a 4-bit block step (passes/_quant.py; scales=float16: + |W - float16(W)| + 15*2^-11 "
+                          "steps), s8 = max|W4[:,n]|/127 (the q8 file's int8 step); activations as matmul-int8 "
+                          "(per-token). The expanded int8 bytes equal the graph's")
 
     def validate_options(self) -> None:
         super().validate_options()
