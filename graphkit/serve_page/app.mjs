@@ -25,7 +25,9 @@ async function capabilities() {
       if (adapter) {
         const i = adapter.info ?? {};
         caps.webgpu = true;
-        caps.adapter = { vendor: i.vendor, architecture: i.architecture, description: i.description };
+        // subgroup sizes: WebGPU kernels (e.g. flash attention) behave differently on subgroup-4 adapters
+        caps.adapter = { vendor: i.vendor, architecture: i.architecture, description: i.description,
+          subgroup_min_size: i.subgroupMinSize ?? null, subgroup_max_size: i.subgroupMaxSize ?? null };
         caps.features = [...adapter.features].sort();
         caps.shader_f16 = adapter.features.has('shader-f16');
       }
@@ -163,6 +165,7 @@ async function generate() {
 function showCaps(caps) {
   const gpu = caps.webgpu
     ? `webgpu: ${caps.adapter.vendor || '?'} / ${caps.adapter.architecture || '?'}, shader-f16: ${caps.shader_f16 ? 'yes' : 'no'}`
+      + (caps.adapter.subgroup_min_size ? `, subgroup size: ${caps.adapter.subgroup_min_size}-${caps.adapter.subgroup_max_size}` : '')
     : `webgpu: not available${caps.webgpu_error ? ` (${caps.webgpu_error})` : ''}`;
   const n = T.env.backends.onnx.wasm.numThreads ?? Math.min(4, Math.ceil((navigator.hardwareConcurrency || 1) / 2));
   caps.wasm_threads = caps.cross_origin_isolated ? n : 1;

@@ -2,30 +2,35 @@
 // Drive the page of `graphkit serve` in headless Debian Chromium (playwright-core): choose device and dtypes, type a
 // prompt, press Generate, wait for the page's window.__serve state, screenshot the page, optionally run a USAGE.md
 // snippet (ES module) in the same page. Prints exactly one JSON object on stdout; logs go to stderr.
+// --adapter lavapipe: Chromium on the Mesa lavapipe WebGPU route (webgpu_route.mjs: shader-f16, subgroup size 8);
+// the run fails, before generating, when the page's adapter is not that one (never a quiet SwiftShader fallback).
 import fs from 'node:fs';
 import path from 'node:path';
 import { Cleanups, chromiumVersion, launchChromium } from './chromium_common.mjs';
 import { HarnessError, emitJson, fail, log, parseOptions, routeConsoleToStderr } from './cli_common.mjs';
 
-const USAGE = `usage: node serve_e2e.mjs --url http://127.0.0.1:PORT/ [--device wasm|webgpu] [--dtype q8] [--compare q4]
+const USAGE = `usage: node serve_e2e.mjs --url http://127.0.0.1:PORT/ [--device wasm|webgpu] [--adapter default|lavapipe] [--dtype q8] [--compare q4]
          [--prompt TEXT] [--max-new-tokens 48] [--screenshot out.png] [--snippet usage.js] [--timeout-s 300]
          [--chromium /usr/bin/chromium]`;
 
 async function main() {
   routeConsoleToStderr();
   const v = parseOptions(process.argv.slice(2), {
-    url: { type: 'string' }, device: { type: 'string', default: 'wasm' }, dtype: { type: 'string', default: 'q8' },
+    url: { type: 'string' }, device: { type: 'string', default: 'wasm' }, adapter: { type: 'string', default: 'default' }, dtype: { type: 'string', default: 'q8' },
     compare: { type: 'string', default: '' }, prompt: { type: 'string' }, 'max-new-tokens': { type: 'string', default: '48' },
     screenshot: { type: 'string' }, snippet: { type: 'string' }, 'timeout-s': { type: 'string', default: '300' },
     chromium: { type: 'string', default: '/usr/bin/chromium' },
   }, USAGE);
   if (!v.url) throw new HarnessError(`--url is required\n${USAGE}`, 2);
+  if (!['default', 'lavapipe'].includes(v.adapter)) throw new HarnessError(`--adapter must be default or lavapipe, got ${v.adapter}`, 2);
+  if (v.adapter === 'lavapipe' && v.device !== 'webgpu') throw new HarnessError('--adapter lavapipe needs --device webgpu', 2);
   const origin = new URL(v.url).origin;
   const cleanups = new Cleanups();
-  const record = { url: v.url, device: v.device, chromium_version: chromiumVersion(v.chromium), external_requests: [] };
+  const record = { url: v.url, device: v.device, adapter_route: v.adapter, chromium_version: chromiumVersion(v.chromium), external_requests: [] };
   const deadline = Date.now() + Number(v['timeout-s']) * 1000;
   try {
-    const context = await launchChromium({ executable: v.chromium, device: v.device, cleanups, viewport: { width: 1280, height: 900 } });
+    const context = await launchChromium({ executable: v.chromium, device: v.device, cleanups, viewport: { width: 1280, height: 900 },
+      adapter: v.adapter });
     context.on('request', (r) => {
       const u = r.url();
       if (!u.startsWith(`${origin}/`) && !u.startsWith('blob:') && !u.startsWith('data:')) record.external_requests.push(u);
@@ -46,9 +51,16 @@ async function main() {
     };
     await waitFor(() => window.__serve?.ready || window.__serve?.error, 'the page to be ready');
     Object.assign(record, await page.evaluate(() => ({ caps: window.__serve.caps, load_error: window.__serve.error,
+      caps_text: document.getElementById('caps').textContent,
       dtype_options: [...document.querySelectorAll('#dtypeA option')].map((o) => o.value),
       threads: window.__serve.caps && Number((document.getElementById('caps').textContent.match(/wasm threads: (\d+)/) ?? [])[1]) })));
     if (record.load_error) throw new HarnessError(`page failed to start: ${record.load_error}`);
+    if (v.adapter === 'lavapipe') {
+      const { adapterMismatch } = await import('./webgpu_route.mjs');
+      const c = record.caps;
+      const bad = adapterMismatch(c?.webgpu ? { ...c.adapter, features: c.features } : null);
+      if (bad) throw new HarnessError(`lavapipe route requested but the page's WebGPU ${bad}`);
+    }
     await page.selectOption('#device', v.device);
     await page.selectOption('#dtypeA', v.dtype);
     await page.selectOption('#dtypeB', v.compare);
