@@ -194,10 +194,14 @@ def test_lavapipe_webgpu_tokens_equal_python_ort(case, fused, client, flavour):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="onnxruntime-web's WebGPU GroupQueryAttention is wrong on lavapipe (subgroup "
+                   "size 8) too: on the retrained example's default prompts fp32 --fuse diverges at token 5 with a "
+                   "top-2 margin of 1.47 (measured 2026-12-03), as the isolated node in test_gqa_runtimes.py is wrong "
+                   "there for rows after the 8th; strict: passing means the bug is fixed")
 def test_fused_verify_passes_on_subgroup_8(fused):
     """The counterpart of test_fused_webgpu_on_verify_default_prompts (an xfail on SwiftShader's subgroup size 4):
-    on lavapipe (subgroup size 8) `verify --browser --devices webgpu:lavapipe` passes on the same prompts, so the
-    GroupQueryAttention caveat is specific to subgroup-4 adapters."""
+    would `verify --browser --devices webgpu:lavapipe` pass on the same prompts on a subgroup-8 adapter? Not today
+    (the xfail's reason), so the GroupQueryAttention caveat is not specific to subgroup-4 adapters."""
     _lavapipe_requested()
     from graphkit.verify import browser_check
     rows = browser_check(fused, None, 16, ["fp32"], ["webgpu:lavapipe"])
