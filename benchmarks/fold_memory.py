@@ -16,7 +16,6 @@ end of the pass. Writes the RESULTS.md section ``fold-memory``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -51,7 +51,6 @@ def _sha(*arrays) -> str:
 
 def quant_child(impl: str, level: str, K: int, N: int) -> dict:
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     w = _weights(K, N)
     if level == "graph":

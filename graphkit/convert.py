@@ -29,10 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from graphkit.errors import GraphkitError
 from graphkit.tjs_contract import (OUTPUT_FILES as DTYPE_FILES, FP16_KV_DTYPES, KV_CACHE_DTYPE, ONNX_DIR, TJS_CONFIG,
                                    USE_EXTERNAL_DATA)
+
+if TYPE_CHECKING:
+    import onnx
 
 # dtype → the pass spec that makes it from the fp32 export (empty: the export itself).
 PIPELINES: dict[str, str] = {
@@ -453,6 +457,7 @@ def _mixed_spec(spec: str, scratch: Path, stats: Path, budget: float, step) -> t
 
 def _table_bytes(model_path: Path, bits: int, block_size: int, symmetric: bool, scale_bytes: int) -> int:
     """Bytes of the tied table in tied-embedding's form (0 when there is no embedding Gather)."""
+    import onnx
     m = onnx.load(str(model_path), load_external_data=False)
     inits = {t.name: t for t in m.graph.initializer}
     for n in m.graph.node:

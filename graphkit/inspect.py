@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from graphkit.modelio import iter_tensors, load_model
 from graphkit.modelview import all_initializers, all_nodes, attr_value, tensor_array
-from graphkit.tjs_contract import (CHUNK_LIMIT, DTYPE_SUFFIX, KNOWN_INPUTS, KV_CACHE_DTYPE, PAST_RE, PRESENT_RE,
+from graphkit.tjs_contract import (CHUNK_LIMIT, DTYPE_SUFFIX, KNOWN_INPUTS, PAST_RE, PRESENT_RE,
                                    TJS_CONFIG, USE_EXTERNAL_DATA, external_data_pattern, split_file_name)
 
 KV_HINT = re.compile(r"past|present|cache|key|value|kv", re.I)

@@ -3,9 +3,6 @@
 example's figures with the default pipelines (which must beat round-to-nearest)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

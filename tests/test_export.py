@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from graphkit.errors import GraphkitError
 from graphkit.export import export_model
 from graphkit.hfmodel import load_causal_lm
 from graphkit.ortrun import DecoderRunner
