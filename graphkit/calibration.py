@@ -137,17 +137,8 @@ def chat_prefix(tokenizer_dir: Path) -> list[int]:
     BOS token when there is no template: where self-generated calibration starts. Uses `tokenizers` and the
     template as transformers renders it (graphkit.prompts), never transformers itself: convert from an ONNX
     export must not import torch."""
-    import json
-
-    from tokenizers import Tokenizer
-
-    from graphkit.prompts import render_chat
-    folder = Path(tokenizer_dir)
-    try:
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except Exception as exc:
-        raise GraphkitError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0][:150]})") from None
+    from graphkit.prompts import load_tokenizer_files, render_chat
+    tok, cfg = load_tokenizer_files(Path(tokenizer_dir))
     marker = "\u2063calibration\u2063"
     if cfg.get("chat_template"):
         text = render_chat(cfg, [{"role": "user", "content": marker}])

@@ -56,13 +56,8 @@ def encode_prompts_tokenizers(tokenizer_dir: Path, prompts: list) -> list[list[i
     """encode_prompts without transformers (which imports torch): tokenizer.json through `tokenizers`, chat
     messages through tokenizer_config.json's chat_template rendered with jinja2 as transformers does
     (trim_blocks, lstrip_blocks, the special tokens as variables)."""
-    from tokenizers import Tokenizer
     folder = Path(tokenizer_dir)
-    try:
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except Exception as exc:
-        raise GraphkitError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0][:150]})") from None
+    tok, cfg = load_tokenizer_files(folder)
     out = []
     for p in prompts:
         if isinstance(p, str):
@@ -73,6 +68,17 @@ def encode_prompts_tokenizers(tokenizer_dir: Path, prompts: list) -> list[list[i
             text = render_chat(cfg, p)
         out.append(tok.encode(text, add_special_tokens=False).ids)
     return out
+
+
+def load_tokenizer_files(folder: Path) -> tuple:
+    """(tokenizers.Tokenizer from tokenizer.json, tokenizer_config.json as a dict), without transformers."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except Exception as exc:
+        raise GraphkitError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0][:150]})") from None
+    return tok, cfg
 
 
 def render_chat(tokenizer_config: dict, messages: list[dict]) -> str:
