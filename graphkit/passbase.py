@@ -16,7 +16,7 @@ Older passes implement ``requires(model)`` / ``call(model)`` / ``ensures(model)`
 ``match`` / ``rewrite`` / ``postconditions`` call those. ``requires`` and ``call`` stay callable on
 every pass (``call`` matches by itself).
 
-Passes operate on ``onnx.ModelProto``; ``passes/_fusion.py`` is the shared graph index.
+Passes operate on ``onnx.ModelProto``; ``passes/_graph.py`` is the graph layer they share.
 """
 from __future__ import annotations
 

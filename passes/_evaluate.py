@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes._fusion import ONNX_DOMAINS, GraphIndex
+from passes._graph import ONNX_DOMAINS, Graph
 
 
 def tensor_nbytes(t: TensorProto) -> int:
@@ -18,7 +18,7 @@ def tensor_nbytes(t: TensorProto) -> int:
     return n * (helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 4)
 
 
-def cone_walk(gi: GraphIndex, targets: list[str], stop: set[str], through_shape: bool = True,
+def cone_walk(gi: Graph, targets: list[str], stop: set[str], through_shape: bool = True,
               max_nodes: int | None = None):
     """The nodes computing ``targets`` from ``stop`` tensors and constants (overridable initializers count as
     inputs). Returns ``(nodes by id, leaves, shape_refs, seen)``: ``leaves`` are graph inputs reached outside
@@ -34,9 +34,9 @@ def cone_walk(gi: GraphIndex, targets: list[str], stop: set[str], through_shape:
         if not t or t in seen:
             continue
         seen.add(t)
-        if t in stop or (t in gi.inits and t not in gi.overridable):
+        if t in stop or gi.initializer(t) is not None:
             continue
-        p = gi.producer.get(t)
+        p = gi.producer(t)
         if p is None:
             leaves.add(t)
             continue
@@ -54,7 +54,7 @@ def cone_walk(gi: GraphIndex, targets: list[str], stop: set[str], through_shape:
     return nodes, leaves, shape_refs, seen
 
 
-def cone(gi: GraphIndex, targets: list[str], stop: set[str]) -> tuple[list[onnx.NodeProto], set[str]] | None:
+def cone(gi: Graph, targets: list[str], stop: set[str]) -> tuple[list[onnx.NodeProto], set[str]] | None:
     """Nodes computing ``targets`` from ``stop`` tensors and constants, in graph order; also returns the graph
     inputs reached (outside ``stop``). None if the cone holds a node with a subgraph."""
     w = cone_walk(gi, targets, stop)
@@ -64,7 +64,7 @@ def cone(gi: GraphIndex, targets: list[str], stop: set[str]) -> tuple[list[onnx.
     return sorted(nodes.values(), key=lambda n: gi.index[id(n)]), leaves
 
 
-def run_nodes(gi: GraphIndex, nodes: list[onnx.NodeProto], targets: list[str], feeds: dict[str, np.ndarray],
+def run_nodes(gi: Graph, nodes: list[onnx.NodeProto], targets: list[str], feeds: dict[str, np.ndarray],
               used: set[str], inits: list[TensorProto]) -> list[np.ndarray] | None:
     """Run ``nodes`` (graph order) in onnxruntime with ``feeds`` (those in ``used``) and ``inits``; the values of
     ``targets``, or None when onnxruntime refuses or fails."""
@@ -84,7 +84,7 @@ def run_nodes(gi: GraphIndex, nodes: list[onnx.NodeProto], targets: list[str], f
         return None
 
 
-def evaluate(gi: GraphIndex, targets: list[str], feeds: dict[str, np.ndarray], max_nodes: int = 400,
+def evaluate(gi: Graph, targets: list[str], feeds: dict[str, np.ndarray], max_nodes: int = 400,
              max_init_bytes: int = 1 << 20) -> list[np.ndarray] | None:
     """Run the cone of ``targets`` over ``feeds`` (which must be all it depends on besides constants)
     with onnxruntime; None when the cone reads anything else, is larger than ``max_nodes`` or reads

@@ -66,6 +66,21 @@ def _check_params(bits: int, block_size: int) -> None:
         raise GraphkitError(f"block_size must be a power of two >= 16, got {block_size!r}")
 
 
+def check_blockwise_options(pass_name: str, o) -> None:
+    """The options every block-wise quantizing pass shares (``method``, ``calibration``, ``bits``,
+    ``block_size``), refused with one line naming the pass and the fix."""
+    if o.method not in ("rtn", "search", "gptq"):
+        raise GraphkitError(f"{pass_name}: method must be rtn, search or gptq, got {o.method!r}")
+    if o.method == "gptq" and not o.calibration:
+        raise GraphkitError(f"{pass_name}: method=gptq needs calibration statistics (calibration=FILE; "
+                            "graphkit convert --calibration data.jsonl makes them)")
+    if isinstance(o.bits, bool) or o.bits not in (4, 8):
+        raise GraphkitError(f"{pass_name}: bits must be 4 or 8, got {o.bits!r}")
+    bs = o.block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or not 16 <= bs <= 256 or bs & (bs - 1):
+        raise GraphkitError(f"{pass_name}: block_size must be a power of two from 16 to 256, got {bs!r}")
+
+
 def _round_half_away(x: np.ndarray) -> np.ndarray:
     """C ``roundf``: nearest integer, halves away from zero (exact; no ``floor(x + 0.5)`` error)."""
     t = np.trunc(x)

@@ -83,6 +83,8 @@ from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import KV_PREFIXES, LOGITS
+from passes._graph import (Graph, fresh_name, infer_shapes, node_names, rename_in_nodes, tensor_names,
+                           weight_free_copy)
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
@@ -148,24 +150,9 @@ def infer_elem_types(model: onnx.ModelProto, small_init_numel: int = 4096) -> di
     their first float input, and inference is re-run so that the types flow on.
     """
     g = model.graph
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
+    sk = weight_free_copy(model, small_init_numel)
     sg = sk.graph
-    sg.name = g.name
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    sg.node.extend(g.node)
-    sg.value_info.extend(g.value_info)
-    known_inputs = {i.name for i in g.input}
-    types: dict[str, int] = {}
-    for t in g.initializer:
-        types[t.name] = t.data_type
-        numel = int(np.prod(t.dims)) if len(t.dims) else 1
-        if numel <= small_init_numel and t.data_location != TensorProto.EXTERNAL:
-            sg.initializer.append(t)
-        elif t.name not in known_inputs:
-            sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    types: dict[str, int] = {t.name: t.data_type for t in g.initializer}
     for n in g.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             ct = _constant_node_type(n)
@@ -174,7 +161,7 @@ def infer_elem_types(model: onnx.ModelProto, small_init_numel: int = 4096) -> di
     extra: dict[str, int] = {}
     for _ in range(8):
         try:
-            inf = onnx.shape_inference.infer_shapes(sk, check_type=False, strict_mode=False, data_prop=False)
+            inf = infer_shapes(sk, data_prop=False, small_numel=small_init_numel)
         except Exception as exc:  # pragma: no cover - onnx raises only in strict mode
             raise GraphkitError(f"fp16: shape inference failed: {str(exc).splitlines()[0]}") from None
         ig = inf.graph
@@ -366,32 +353,19 @@ class _Converter:
                               "initializers_fp16": 0, "initializers_fp32_kept": 0, "casts_removed": 0,
                               "identity_bypassed": 0}
         g = model.graph
-        self.names: set[str] = set()
-        for n in g.node:
-            self.names.update(x for x in list(n.input) + list(n.output) if x)
-        self.names.update(t.name for t in g.initializer)
-        self.names.update(i.name for i in g.input)
-        self.names.update(o.name for o in g.output)
-        self.node_names = {n.name for n in g.node if n.name}
+        # the shared name authority, tensors and nodes each in their own namespace (a Cast node may be named
+        # like the tensor it writes)
+        self.names: set[str] = tensor_names(g)
+        self.node_names = node_names(g)
         self._const_nodes_out: dict[str, onnx.NodeProto] = {}
         self._extra_const_nodes: dict[str, onnx.NodeProto] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name = f"{base}_{i}"
-            i += 1
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
 
     def fresh_node(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.node_names:
-            name = f"{base}_{i}"
-            i += 1
-        self.node_names.add(name)
-        return name
+        return fresh_name(base, self.node_names)
 
     def summary(self) -> str:
         d = self.details
@@ -440,15 +414,7 @@ class _Converter:
         self.nodes = nodes
         is_float = lambda x: bool(x) and types.get(x) == FLOAT  # noqa: E731
 
-        producer: dict[str, int] = {}
-        consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for idx, n in enumerate(nodes):
-            for o in n.output:
-                if o:
-                    producer[o] = idx
-            for s, x in enumerate(n.input):
-                if x:
-                    consumers[x].append((idx, s))
+        G = Graph(src, with_info=False, nodes=nodes)
 
         const_arrays: dict[str, np.ndarray] = {}
 
@@ -484,18 +450,18 @@ class _Converter:
 
         # islands --------------------------------------------------------------------------------
         island: set[int] = set()
-        for members in self._norm_islands(nodes, producer, consumers, consts, const_value):
+        for members in self._norm_islands(nodes, G, consts, const_value):
             island.update(members)
             self.details["norm_islands"] += 1
         for idx, n in enumerate(nodes):
             if n.op_type in ("Softmax", "LogSoftmax"):
                 self.details["softmax_islands"] += 1
                 island.add(idx)
-                p = producer.get(n.input[0])
-                if p is not None and nodes[p].op_type in MASK_OPS:
-                    pf = [x for x in nodes[p].input if is_float(x)]
+                pn = G.producer(n.input[0])
+                if pn is not None and pn.op_type in MASK_OPS:
+                    pf = [x for x in pn.input if is_float(x)]
                     if any(x not in A for x in pf):
-                        island.add(p)
+                        island.add(G.position(pn))
             elif n.op_type in self.fp32_ops or n.domain == "ai.onnx.ml":
                 if any(is_float(x) for x in list(n.input) + list(n.output)):
                     island.add(idx)
@@ -541,7 +507,7 @@ class _Converter:
 
         # reverse pass: Cast nodes follow their consumers; exact aux data movement sinks to fp16
         def consumers_want(o: str) -> set:
-            wants = {req(ci, s) for ci, s in consumers.get(o, [])}
+            wants = {req(G.position(c), s) for c, s in G.uses(o)}
             if o in gout_set:
                 wants.add(out_desired(o))
             return wants
@@ -685,14 +651,7 @@ class _Converter:
             out_casts.append(helper.make_node("Cast", [internal], [o.name], to=want,
                                               name=self.fresh_node(o.name + "_cast")))
             self.details["casts_inserted"] += 1
-        if renames:
-            for n in out_nodes:
-                for i, x in enumerate(n.output):
-                    if x in renames:
-                        n.output[i] = renames[x]
-                for i, x in enumerate(n.input):
-                    if x in renames:
-                        n.input[i] = renames[x]
+        rename_in_nodes(out_nodes, renames)
         out_nodes.extend(out_casts)
 
         out_nodes = self._cleanup(out_nodes, gout_set)
@@ -790,7 +749,7 @@ class _Converter:
         if to_fp16:
             n.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
 
-    def _norm_islands(self, nodes, producer, consumers, consts, const_value):
+    def _norm_islands(self, nodes, G: Graph, consts, const_value):
         """Normalization variance chains: [Cast->] Pow/Mul(x,x) -> ReduceMean -> ... -> Mul(x, .) | Div(x, .)."""
         def scalar(name):
             v = const_value(name)
@@ -801,27 +760,27 @@ class _Converter:
         for idx, n in enumerate(nodes):
             if n.op_type != "ReduceMean" or not n.input:
                 continue
-            p = producer.get(n.input[0])
-            if p is None:
+            pn = G.producer(n.input[0])
+            if pn is None:
                 continue
-            pn = nodes[p]
+            p = G.position(pn)
             if pn.op_type == "Pow" and len(pn.input) > 1 and scalar(pn.input[1]) == 2.0:
                 x = pn.input[0]
             elif pn.op_type == "Mul" and len(pn.input) == 2 and pn.input[0] == pn.input[1]:
                 x = pn.input[0]
             else:
                 continue
-            if len(consumers.get(pn.output[0], [])) != 1:
+            if len(G.uses(pn.output[0])) != 1:
                 continue
             members = [p, idx]
             cur = n.output[0]
             end = None
             for _ in range(6):
-                cons = consumers.get(cur, [])
+                cons = G.uses(cur)
                 if len(cons) != 1:
                     break
-                ci, _slot = cons[0]
-                c = nodes[ci]
+                c = cons[0][0]
+                ci = G.position(c)
                 if c.op_type == "Mul" and x in c.input and cur in c.input:
                     end = ci
                     break
@@ -836,9 +795,9 @@ class _Converter:
             if end is None:
                 continue
             members.append(end)
-            xp = producer.get(x)
-            if xp is not None and nodes[xp].op_type == "Cast" and _cast_to(nodes[xp]) == FLOAT:
-                members.append(xp)
+            xn = G.producer(x)
+            if xn is not None and xn.op_type == "Cast" and _cast_to(xn) == FLOAT:
+                members.append(G.position(xn))
             yield members
 
     def _cleanup(self, nodes: list[onnx.NodeProto], gouts: set[str]) -> list[onnx.NodeProto]:

@@ -81,7 +81,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import ATTENTION_MASK, BATCH, PAST_SEQUENCE, POSITION_IDS, SEQUENCE, TOTAL_SEQUENCE
-from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
+from passes._graph import (MS_DOMAIN, ONNX_DOMAINS, Graph, attr, check_rewrite, declare, ensure_opset,
                             node_label, remove_unused, toposort)
 from passes._evaluate import cone_walk, run_nodes, tensor_nbytes
 
@@ -94,7 +94,7 @@ _MAX_CONE_INIT_BYTES = 1 << 20
 class _Evaluator:
     """Runs small cones of the graph with onnxruntime, fed role tensors + a consistent set of inputs."""
 
-    def __init__(self, gi: GraphIndex) -> None:
+    def __init__(self, gi: Graph) -> None:
         self.gi = gi
         self.world = self._world()
 
@@ -165,7 +165,7 @@ class _Evaluator:
                 return None
             nodes_d, leaves, shape_refs, seen = w
             pending = [t for t in shape_refs
-                       if t not in feeds and t not in seen and not (t in gi.inits and t not in gi.overridable)]
+                       if t not in feeds and t not in seen and gi.initializer(t) is None]
             if not pending:
                 break
             for t in pending:
@@ -250,7 +250,7 @@ class FuseGqaPass(GraphPass):
 
     # ------------------------------------------------------------------ structure helpers
     @staticmethod
-    def _back_through(gi: GraphIndex, name: str, ops: tuple[str, ...], limit: int = 6) -> str:
+    def _back_through(gi: Graph, name: str, ops: tuple[str, ...], limit: int = 6) -> str:
         """Follow producers of type ``ops`` (first input) backwards; returns the first tensor not so produced."""
         for _ in range(limit):
             p = gi.node_of(name, ops)
@@ -260,12 +260,12 @@ class FuseGqaPass(GraphPass):
         return name
 
     @staticmethod
-    def _proj(gi: GraphIndex, name: str) -> tuple[str, int, int] | None:
+    def _proj(gi: Graph, name: str) -> tuple[str, int, int] | None:
         """(projection input, input width, output width) for q/k/v_lin = [Add(bias)] of MatMul / MatMulNBits."""
-        n = gi.producer.get(name)
+        n = gi.producer(name)
         if n is not None and n.op_type == "Add" and n.domain in ONNX_DOMAINS:
             for k in (0, 1):
-                p = gi.producer.get(n.input[k])
+                p = gi.producer(n.input[k])
                 if p is not None and p.op_type in ("MatMul", "MatMulNBits") and gi.is_const(n.input[1 - k]):
                     n = p
                     break
@@ -281,7 +281,7 @@ class FuseGqaPass(GraphPass):
             return n.input[0], int(attr(n, "K")), int(attr(n, "N"))
         return None
 
-    def _match(self, gi: GraphIndex, ev: _Evaluator, sm: onnx.NodeProto, mask_cache: dict) -> _Attn | str:
+    def _match(self, gi: Graph, ev: _Evaluator, sm: onnx.NodeProto, mask_cache: dict) -> _Attn | str:
         if attr(sm, "axis", -1) not in (-1, 3):
             return "Softmax is not over the last axis"
         add = gi.node_of(sm.input[0], "Add")
@@ -343,11 +343,11 @@ class FuseGqaPass(GraphPass):
         pvv = self._find_present(gi, Vop)
         if pk is None or pvv is None or pk == pvv:
             return "K/V do not come from present.* Concat graph outputs"
-        pk_node, pv_node = gi.producer[pk], gi.producer[pvv]
+        pk_node, pv_node = gi.producers[pk], gi.producers[pvv]
         k_rot = next((x for x in pk_node.input if gi.node_of(x, "RotaryEmbedding", (MS_DOMAIN,))), None)
         if k_rot is None:
             return "the new key is not produced by RotaryEmbedding"
-        krot_node = gi.producer[k_rot]
+        krot_node = gi.producers[k_rot]
         if list(krot_node.input[1:4]) != [positions, cos, sin] or attr(krot_node, "interleaved", 0) != 0:
             return "q and k rotary use different positions or caches"
         k_t = krot_node.input[0]
@@ -431,7 +431,7 @@ class FuseGqaPass(GraphPass):
                      removed_outputs=removed, seeds=seeds)
 
     @staticmethod
-    def _find_present(gi: GraphIndex, start: str) -> str | None:
+    def _find_present(gi: Graph, start: str) -> str | None:
         """The one graph output produced by a Concat that ``start`` is computed from (the walk does not go
         past such outputs, so earlier layers' presents are not seen)."""
         found: set[str] = set()
@@ -442,7 +442,7 @@ class FuseGqaPass(GraphPass):
             if not t or t in seen:
                 continue
             seen.add(t)
-            p = gi.producer.get(t)
+            p = gi.producer(t)
             if p is None:
                 continue
             if t in gi.graph_outputs and p.op_type == "Concat":
@@ -452,7 +452,7 @@ class FuseGqaPass(GraphPass):
         return next(iter(found)) if len(found) == 1 else None
 
     @staticmethod
-    def _past_input(gi: GraphIndex, concat: onnx.NodeProto) -> str | None:
+    def _past_input(gi: Graph, concat: onnx.NodeProto) -> str | None:
         """The graph input at the start of a present Concat: directly, or through a 1-input Concat / Identity."""
         if len(concat.input) != 2 or attr(concat, "axis") not in (-2, 2):
             return None
@@ -460,7 +460,7 @@ class FuseGqaPass(GraphPass):
         for _ in range(3):
             if name in gi.graph_inputs:
                 return name
-            p = gi.producer.get(name)
+            p = gi.producer(name)
             if p is None or p.domain not in ONNX_DOMAINS or not (
                     p.op_type == "Identity" or (p.op_type == "Concat" and len(p.input) == 1)):
                 return None
@@ -492,7 +492,7 @@ class FuseGqaPass(GraphPass):
         return res
 
     def _plan(self, model: onnx.ModelProto):
-        gi = GraphIndex(model)
+        gi = Graph(model)
         ev = _Evaluator(gi)
         why: dict[str, str] = {}
         found: list[_Attn] = []
@@ -528,8 +528,7 @@ class FuseGqaPass(GraphPass):
         gi, found, why = plan
         g = model.graph
         before = len(g.node)
-        taken = gi.taken_names()
-        fresh = lambda base: gi.fresh(base, taken)  # noqa: E731
+        fresh = gi.fresh_name
         mask_nodes, mask_inits, seqlens, total, bias = self._mask_subgraph(found[0].dtype, fresh)
         new_by_out: dict[str, list[onnx.NodeProto]] = {}
         created = []

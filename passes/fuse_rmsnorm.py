@@ -40,7 +40,7 @@ Tolerance: the fused kernels compute the mean of squares and ``1/sqrt`` in float
 in a different summation order): outputs equal the decomposed graph within about 1e-6 relative
 (tests assert 1e-5 relative to the output scale); the Skip variant's sum output is exact.
 Nodes that become unused (the chain, the Add, the no-op Cast, eps/exponent constants) are removed.
-The graph helpers it uses are shared with the other fusions (``passes/_fusion.py``).
+The graph helpers it uses are shared with the other fusions (``passes/_graph.py``, the layer every pass shares).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from onnx import TensorProto, helper
 
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
-from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
+from passes._graph import (MS_DOMAIN, ONNX_DOMAINS, Graph, attr, check_rewrite, declare, ensure_opset,
                             node_label, other_input, remove_unused, toposort)
 
 
@@ -93,7 +93,7 @@ class FuseRmsNormPass(GraphPass):
                 raise GraphkitError(f"fuse-rmsnorm: {key} must be true or false, got {getattr(self.options, key)!r}")
 
     # ------------------------------------------------------------------ matching
-    def _match_at(self, gi: GraphIndex, rm: onnx.NodeProto, why: dict[str, str]) -> _Norm | None:
+    def _match_at(self, gi: Graph, rm: onnx.NodeProto, why: dict[str, str]) -> _Norm | None:
         label = node_label(rm)
 
         def no(reason: str) -> None:
@@ -191,14 +191,14 @@ class FuseRmsNormPass(GraphPass):
                      wtype=helper.np_dtype_to_tensor_dtype(wv.dtype))
 
     @staticmethod
-    def _single_user(gi: GraphIndex, name: str, op: str) -> onnx.NodeProto | None:
+    def _single_user(gi: Graph, name: str, op: str) -> onnx.NodeProto | None:
         users = gi.users(name)
         if len(users) != 1 or name in gi.graph_outputs or name in gi.subgraph_reads:
             return None
         u = users[0]
         return u if u.op_type == op and u.domain in ONNX_DOMAINS else None
 
-    def _match_skip(self, gi: GraphIndex, m: _Norm, claimed: set[int]) -> str | None:
+    def _match_skip(self, gi: Graph, m: _Norm, claimed: set[int]) -> str | None:
         """Attach the residual Add (and a no-op Cast) to ``m``; returns None or why not."""
         src, cast = m.x, None
         p = gi.node_of(src, "Cast")
@@ -234,8 +234,8 @@ class FuseRmsNormPass(GraphPass):
         claimed.add(id(add))
         return None
 
-    def _plan(self, model: onnx.ModelProto) -> tuple[GraphIndex, list[_Norm], dict[str, str]]:
-        gi = GraphIndex(model)
+    def _plan(self, model: onnx.ModelProto) -> tuple[Graph, list[_Norm], dict[str, str]]:
+        gi = Graph(model)
         why: dict[str, str] = {}
         norms: list[_Norm] = []
         used: set[int] = set()
@@ -281,7 +281,6 @@ class FuseRmsNormPass(GraphPass):
         gi, norms, why = plan
         g = model.graph
         before = len(g.node)
-        taken = gi.taken_names()
         replace: dict[int, list[onnx.NodeProto]] = {}
         drop: set[int] = set()
         created: list[str] = []
@@ -294,7 +293,7 @@ class FuseRmsNormPass(GraphPass):
                 new = helper.make_node("SkipSimplifiedLayerNormalization",
                                        [m.add.input[0], m.add.input[1], m.weight],
                                        [m.y, "", "", sum_name],
-                                       name=gi.fresh(f"{base}/SkipSimplifiedLayerNormalization", taken),
+                                       name=gi.fresh_name(f"{base}/SkipSimplifiedLayerNormalization"),
                                        domain=MS_DOMAIN, epsilon=float(m.eps))
                 drop.add(gi.index[id(m.add)])
                 if m.noop_cast is not None:
@@ -308,7 +307,7 @@ class FuseRmsNormPass(GraphPass):
                     rename[m.x] = x
                     drop.add(gi.index[id(m.noop_cast)])
                 new = helper.make_node("SimplifiedLayerNormalization", [x, m.weight], [m.y],
-                                       name=gi.fresh(f"{base}/SimplifiedLayerNormalization", taken),
+                                       name=gi.fresh_name(f"{base}/SimplifiedLayerNormalization"),
                                        axis=-1, epsilon=float(m.eps), stash_type=1)
             created.append(new.name)
             last = gi.index[id(m.nodes[-1])]

@@ -48,7 +48,7 @@ from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from passes._evaluate import cone, evaluate
-from passes._fusion import (MS_DOMAIN, ONNX_DOMAINS, GraphIndex, attr, check_rewrite, declare, ensure_opset,
+from passes._graph import (MS_DOMAIN, ONNX_DOMAINS, Graph, attr, check_rewrite, declare, ensure_opset,
                             node_label, other_input, remove_unused, toposort)
 
 
@@ -84,7 +84,7 @@ class FuseRotaryPass(GraphPass):
             raise GraphkitError(f"fuse-rotary: max_positions must be an integer from 1 to {1 << 22}, got {mp!r}")
 
     # ------------------------------------------------------------------ matching
-    def _match_at(self, gi: GraphIndex, add: onnx.NodeProto) -> tuple[_Rotary | None, str]:
+    def _match_at(self, gi: Graph, add: onnx.NodeProto) -> tuple[_Rotary | None, str]:
         if len(add.input) != 2:
             return None, ""
         muls = [gi.node_of(i, "Mul") for i in add.input]
@@ -115,7 +115,7 @@ class FuseRotaryPass(GraphPass):
                 return _Rotary(add=add, x=x, cos=c, sin=s, nodes=[add, m_a, m_b, cat, neg]), ""
         return None, ""
 
-    def _check_rotate_half(self, gi: GraphIndex, r: _Rotary, dim: int) -> str | None:
+    def _check_rotate_half(self, gi: Graph, r: _Rotary, dim: int) -> str | None:
         cat = r.nodes[3]
         rng = np.random.default_rng(0)
         for shape in ((1, 1, 1, dim), (2, 3, 5, dim)):
@@ -131,7 +131,7 @@ class FuseRotaryPass(GraphPass):
                         "(interleaved or partial rotary)")
         return None
 
-    def _tables(self, gi: GraphIndex, r: _Rotary, cache: dict) -> tuple[str, np.ndarray, np.ndarray] | str:
+    def _tables(self, gi: Graph, r: _Rotary, cache: dict) -> tuple[str, np.ndarray, np.ndarray] | str:
         """(position input, cos table [L, D/2], sin table [L, D/2]) or why not."""
         key = (r.cos, r.sin)
         if key in cache:
@@ -151,7 +151,7 @@ class FuseRotaryPass(GraphPass):
         cache[key] = res
         return res
 
-    def _tables_from(self, gi: GraphIndex, r: _Rotary, pos: str):
+    def _tables_from(self, gi: Graph, r: _Rotary, pos: str):
         if gi.elem_type(pos) != TensorProto.INT64:
             return f"position input '{pos}' is not int64"
         L = self.options.max_positions
@@ -177,7 +177,7 @@ class FuseRotaryPass(GraphPass):
         return pos, np.ascontiguousarray(cos[:, :h]), np.ascontiguousarray(sin[:, :h])
 
     def _plan(self, model: onnx.ModelProto):
-        gi = GraphIndex(model)
+        gi = Graph(model)
         why: dict[str, str] = {}
         found: list[_Rotary] = []
         used: set[int] = set()
@@ -228,7 +228,6 @@ class FuseRotaryPass(GraphPass):
         gi, found, why, tables = plan
         g = model.graph
         before = len(g.node)
-        taken = gi.taken_names()
         # one cache pair per distinct table content
         caches: list[tuple[np.ndarray, np.ndarray, str, str]] = []
         new_inits = []
@@ -237,7 +236,7 @@ class FuseRotaryPass(GraphPass):
             hit = next((c for c in caches if c[0].shape == cos.shape and c[0].dtype == cos.dtype
                         and np.array_equal(c[0], cos) and np.array_equal(c[1], sin)), None)
             if hit is None:
-                cn, sn = gi.fresh("rotary_cos_cache", taken), gi.fresh("rotary_sin_cache", taken)
+                cn, sn = gi.fresh_name("rotary_cos_cache"), gi.fresh_name("rotary_sin_cache")
                 new_inits += [tensors.new_tensor(cos, cn), tensors.new_tensor(sin, sn)]
                 hit = (cos, sin, cn, sn)
                 caches.append(hit)
@@ -248,7 +247,7 @@ class FuseRotaryPass(GraphPass):
         for r in found:
             base = node_label(r.add)
             new = helper.make_node("RotaryEmbedding", [r.x, r.positions, r.cache[0], r.cache[1]], [r.add.output[0]],
-                                   name=gi.fresh(f"{base}/RotaryEmbedding", taken), domain=MS_DOMAIN, interleaved=0)
+                                   name=gi.fresh_name(f"{base}/RotaryEmbedding"), domain=MS_DOMAIN, interleaved=0)
             created.append(new.name)
             replace[gi.index[id(r.add)]] = new
             declare(model, r.add.output[0], helper.np_dtype_to_tensor_dtype(tables[(r.cos, r.sin)][1].dtype),

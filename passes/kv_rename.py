@@ -55,10 +55,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit import tjs_contract as tjs
+from passes._graph import Graph, infer_shapes, rename_values
 
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 INTS = {TensorProto.INT64, TensorProto.INT32}
@@ -132,41 +132,15 @@ def _etype(vi) -> int:
     return vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
 
 
-class _Graph:
-    """Producer/consumer indexes over the top-level graph."""
+class _KvGraph(Graph):
+    """The shared graph layer (``passes/_graph.py``) plus the two walks kv-rename needs."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.model = model
-        self.g = g
-        self.nodes = list(g.node)
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for i, n in enumerate(self.nodes):
-            for o in n.output:
-                if o:
-                    self.producer[o] = i
-            for s, x in enumerate(n.input):
-                if x:
-                    self.consumers[x].append((i, s))
-        self.inits = {t.name: t for t in g.initializer}
-        self.const_nodes = {n.output[0]: n for n in self.nodes if n.op_type == "Constant" and n.output}
-        self.inputs = {vi.name: vi for vi in g.input if vi.name not in self.inits}
-        self.outputs = {vi.name: vi for vi in g.output}
+        super().__init__(model, with_info=False)
+        self.nodes = list(self.graph.node)
+        self.inputs = {vi.name: vi for vi in self.graph.input if vi.name not in self.inits}
+        self.outputs = {vi.name: vi for vi in self.graph.output}
         self._depth: list[int] | None = None
-
-    def is_const(self, name: str) -> bool:
-        return name in self.inits or name in self.const_nodes
-
-    def const_array(self, name: str) -> np.ndarray | None:
-        if name in self.inits:
-            return tensors.array(self.inits[name])
-        n = self.const_nodes.get(name)
-        if n is not None:
-            for a in n.attribute:
-                if a.name == "value":
-                    return tensors.array(a.t)
-        return None
 
     def depth(self) -> list[int]:
         if self._depth is None:
@@ -187,8 +161,7 @@ class _Graph:
         visited_nodes = 0
         while q:
             t, d = q.popleft()
-            for ci, _s in self.consumers.get(t, []):
-                n = self.nodes[ci]
+            for n, _s in self.uses(t):
                 if n.op_type in skip:
                     continue
                 if targets(n):
@@ -234,7 +207,7 @@ class KvRenamePass(GraphPass):
 
     # -------------------------------------------------------------------------------------------
     def plan(self, model: onnx.ModelProto) -> Plan:
-        G = _Graph(model)
+        G = _KvGraph(model)
         notes: list[str] = []
         kv_inputs = [n for n, vi in G.inputs.items() if _etype(vi) in FLOATS and _rank(vi) == 4]
         if not kv_inputs:
@@ -332,7 +305,7 @@ class KvRenamePass(GraphPass):
         return out
 
     # -- KV tracing ----------------------------------------------------------------------------------
-    def _trace_past(self, G: _Graph, past: str) -> dict:
+    def _trace_past(self, G: _KvGraph, past: str) -> dict:
         seen = {past}
         q = deque([past])
         anchors: list[tuple[int, int, str]] = []  # (node index, slot, tensor)
@@ -341,8 +314,8 @@ class KvRenamePass(GraphPass):
             t = q.popleft()
             if t in G.outputs and t != past:
                 reached_outputs.append(t)
-            for ci, slot in G.consumers.get(t, []):
-                n = G.nodes[ci]
+            for n, slot in G.uses(t):
+                ci = G.position(n)
                 if n.op_type in SHAPE_OPS:
                     continue
                 through = n.op_type in PASS_THROUGH or (
@@ -396,14 +369,13 @@ class KvRenamePass(GraphPass):
                 "anchor_depth": anchor_depth, "slot": slot, "anchor_op": anchor.op_type}
 
     @staticmethod
-    def _follow_to_outputs(G: _Graph, t: str) -> list[str]:
+    def _follow_to_outputs(G: _KvGraph, t: str) -> list[str]:
         out, q, seen = [], deque([t]), {t}
         while q:
             x = q.popleft()
             if x in G.outputs:
                 out.append(x)
-            for ci, _s in G.consumers.get(x, []):
-                n = G.nodes[ci]
+            for n, _s in G.uses(x):
                 if n.op_type in ("Cast", "Identity"):
                     for o in n.output:
                         if o not in seen:
@@ -412,14 +384,14 @@ class KvRenamePass(GraphPass):
         return out
 
     @staticmethod
-    def _softmax_after(G: _Graph, ci: int, limit: int = 8) -> int | None:
+    def _softmax_after(G: _KvGraph, ci: int, limit: int = 8) -> int | None:
         frontier = [ci]
         for _ in range(limit):
             nxt = []
             for i in frontier:
                 for o in G.nodes[i].output:
-                    for cj, _s in G.consumers.get(o, []):
-                        op = G.nodes[cj].op_type
+                    for c, _s in G.uses(o):
+                        cj, op = G.position(c), c.op_type
                         if op == "Softmax":
                             return cj
                         if op in SCORE_PATH:
@@ -430,17 +402,16 @@ class KvRenamePass(GraphPass):
         return None
 
     @staticmethod
-    def _softmax_before(G: _Graph, t: str, limit: int = 8) -> int | None:
+    def _softmax_before(G: _KvGraph, t: str, limit: int = 8) -> int | None:
         frontier = [t]
         for _ in range(limit):
             nxt = []
             for x in frontier:
-                pi = G.producer.get(x)
-                if pi is None:
+                n = G.producer(x)
+                if n is None:
                     continue
-                n = G.nodes[pi]
                 if n.op_type == "Softmax":
-                    return pi
+                    return G.position(n)
                 if n.op_type in PROBS_PATH or n.op_type == "IsNaN":
                     nxt.extend(i for i in n.input if i and not G.is_const(i))
             frontier = nxt
@@ -473,14 +444,13 @@ class KvRenamePass(GraphPass):
 
     # -- other I/O -----------------------------------------------------------------------------------
     @staticmethod
-    def _find_input_ids(G: _Graph, candidates: list[str]) -> str:
+    def _find_input_ids(G: _KvGraph, candidates: list[str]) -> str:
         found: dict[str, int] = {}
         for c in candidates:
             seen, q = {c}, deque([c])
             while q:
                 t = q.popleft()
-                for ci, slot in G.consumers.get(t, []):
-                    n = G.nodes[ci]
+                for n, slot in G.uses(t):
                     if n.op_type in ("Gather", "GatherBlockQuantized") and slot == 1 and G.is_const(n.input[0]):
                         rows = 0
                         if n.input[0] in G.inits:
@@ -504,7 +474,7 @@ class KvRenamePass(GraphPass):
                             "cannot tell which is input_ids")
 
     @staticmethod
-    def _classify_pos_mask(G: _Graph, rest: list[str]) -> tuple[str | None, str | None]:
+    def _classify_pos_mask(G: _KvGraph, rest: list[str]) -> tuple[str | None, str | None]:
         pos, mask = [], []
         info = {}
         for r in rest:
@@ -529,7 +499,7 @@ class KvRenamePass(GraphPass):
         return (pos[0] if pos else None), (mask[0] if mask else None)
 
     @staticmethod
-    def _find_logits(G: _Graph, kv_out: set[str]) -> str | None:
+    def _find_logits(G: _KvGraph, kv_out: set[str]) -> str | None:
         cands = [n for n, vi in G.outputs.items() if n not in kv_out and _etype(vi) in FLOATS]
         if len(cands) <= 1:
             return cands[0] if cands else None
@@ -539,7 +509,7 @@ class KvRenamePass(GraphPass):
         raise GraphkitError(f"kv-rename: several float outputs could be logits: {', '.join(cands)}")
 
     # -- static KV dims ------------------------------------------------------------------------------
-    def _static_kv_dims(self, G: _Graph, entries: list[KvEntry], notes: list[str]) -> tuple[int | None, int | None]:
+    def _static_kv_dims(self, G: _KvGraph, entries: list[KvEntry], notes: list[str]) -> tuple[int | None, int | None]:
         if not entries:
             return None, None
         heads: dict[str, set[int]] = defaultdict(set)
@@ -581,8 +551,7 @@ class KvRenamePass(GraphPass):
         shapes = _infer_shapes(G.model)
         proj_n: set[int] = set()
         for e in entries:
-            for ci, _slot in G.consumers.get(e.past, []):
-                n = G.nodes[ci]
+            for n, _slot in G.uses(e.past):
                 if n.op_type != "Concat":
                     continue
                 for x in n.input:
@@ -598,8 +567,7 @@ class KvRenamePass(GraphPass):
                         w = self._projection_width(G, x)
                         if w:
                             proj_n.add(w)
-            for ci, slot in G.consumers.get(e.past, []):
-                n = G.nodes[ci]
+            for n, _slot in G.uses(e.past):
                 if n.op_type == "GroupQueryAttention" and e.role == "key":
                     w = self._projection_width(G, n.input[1]) if len(n.input) > 1 and n.input[1] else None
                     if w:
@@ -626,24 +594,23 @@ class KvRenamePass(GraphPass):
         return vals.pop() if vals else None
 
     @staticmethod
-    def _projection_width(G: _Graph, t: str, limit: int = 40) -> int | None:
+    def _projection_width(G: _KvGraph, t: str, limit: int = 40) -> int | None:
         """Output width N of the first constant-weight projection found walking back from ``t``."""
         seen, q = {t}, deque([t])
         steps = 0
         while q and steps < limit:
             x = q.popleft()
             steps += 1
-            pi = G.producer.get(x)
-            if pi is None:
+            n = G.producer(x)
+            if n is None:
                 continue
-            n = G.nodes[pi]
             if n.op_type == "MatMulNBits":
                 for a in n.attribute:
                     if a.name == "N":
                         return int(a.i)
             if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and G.is_const(n.input[1]):
                 w = G.inits.get(n.input[1])
-                dims = list(w.dims) if w is not None else list(np.shape(G.const_array(n.input[1])))
+                dims = list(w.dims) if w is not None else list(np.shape(G.const(n.input[1])))
                 if len(dims) == 2:
                     trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
                     return int(dims[0] if trans_b else dims[1])
@@ -680,7 +647,7 @@ class KvRenamePass(GraphPass):
                 while f"{new}_orig{i or ''}" in used:
                     i += 1
                 renames[new] = f"{new}_orig{i or ''}"
-        _apply_renames(g, renames)
+        rename_values(g, renames)
         # old symbol -> new symbol, where the I/O use it unambiguously (e.g. transformers' "s10" -> batch_size)
         sym: dict[str, set[str]] = defaultdict(set)
         for vi in list(g.input) + list(g.output):
@@ -769,70 +736,11 @@ def _all_names(g: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _apply_renames(g: onnx.GraphProto, m: dict[str, str]) -> None:
-    """Simultaneous rename (swaps are fine) of every reference, subgraphs included."""
-    if not m:
-        return
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.name in m:
-            vi.name = m[vi.name]
-    for t in g.initializer:
-        if t.name in m:
-            t.name = m[t.name]
-    for n in g.node:
-        for i, x in enumerate(n.input):
-            if x in m:
-                n.input[i] = m[x]
-        for i, x in enumerate(n.output):
-            if x in m:
-                n.output[i] = m[x]
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _apply_renames_outer(a.g, m)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    _apply_renames_outer(sg, m)
-
-
-def _apply_renames_outer(g: onnx.GraphProto, m: dict[str, str]) -> None:
-    """Rename outer-scope references inside a subgraph (names it defines itself are left alone)."""
-    local = {vi.name for vi in g.input} | {t.name for t in g.initializer}
-    local.update(o for n in g.node for o in n.output if o)
-    mm = {k: v for k, v in m.items() if k not in local}
-    for n in g.node:
-        for i, x in enumerate(n.input):
-            if x in mm:
-                n.input[i] = mm[x]
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _apply_renames_outer(a.g, mm)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    _apply_renames_outer(sg, mm)
-    for vi in g.output:
-        if vi.name in mm:
-            vi.name = mm[vi.name]
-
-
-def _infer_shapes(model: onnx.ModelProto, small: int = 4096) -> dict[str, list]:
-    """Shapes from ONNX inference (with data propagation) on a copy without large weights."""
-    g = model.graph
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
-    sg = sk.graph
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    sg.node.extend(g.node)
-    names = {i.name for i in g.input}
-    for t in g.initializer:
-        numel = int(np.prod(t.dims)) if len(t.dims) else 1
-        if numel <= small and t.data_location != TensorProto.EXTERNAL:
-            sg.initializer.append(t)
-        elif t.name not in names:
-            sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Shapes from ONNX inference (with data propagation; the shared weight-free setup), without the
+    model's own value_info (what inference finds, not what the exporter declared)."""
     try:
-        inf = onnx.shape_inference.infer_shapes(sk, check_type=False, strict_mode=False, data_prop=True)
+        inf = infer_shapes(model, data_prop=True, value_info=False)
     except Exception:
         return {}
     out = {}

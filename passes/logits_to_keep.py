@@ -37,17 +37,16 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit.errors import PassNotApplicable, PostconditionError, PreconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance
 from graphkit.tjs_contract import NUM_LOGITS_TO_KEEP as INPUT
-from passes._fusion import MS_DOMAIN, fresh_name, taken_names
+from passes._graph import MS_DOMAIN, Graph
 
 _HEADS = {("", "MatMul"), ("ai.onnx", "MatMul"), (MS_DOMAIN, "MatMulNBits"), (MS_DOMAIN, "FusedMatMul")}
 _PASS_THROUGH = {"Cast", "Identity"}
 
 
-def _find_head(graph: onnx.GraphProto, output: str) -> onnx.NodeProto:
-    producer = {o: n for n in graph.node for o in n.output if o}
+def _find_head(G: Graph, output: str) -> onnx.NodeProto:
     name, seen = output, []
     for _ in range(8):
-        node = producer.get(name)
+        node = G.producer(name)
         if node is None:
             break
         if (node.domain, node.op_type) in _HEADS:
@@ -76,7 +75,7 @@ class LogitsToKeepPass(GraphPass):
             raise PassNotApplicable(f"the graph already has a '{INPUT}' input")
         if "logits" not in {o.name for o in g.output}:
             raise PreconditionError("logits-to-keep: the graph has no 'logits' output (not a Transformers.js decoder)")
-        head = _find_head(g, "logits")
+        head = _find_head(Graph(model, with_info=False), "logits")
         ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.input) + list(g.value_info)
                  if vi.type.tensor_type.HasField("shape")}
         if ranks.get(head.input[0], 3) != 3:
@@ -85,9 +84,9 @@ class LogitsToKeepPass(GraphPass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         g = model.graph
-        head = _find_head(g, "logits")
-        taken = taken_names(g)
-        fresh = lambda base: fresh_name(base, taken)  # noqa: E731
+        G = Graph(model, with_info=False)
+        head = _find_head(G, "logits")
+        fresh = G.fresh_name
         h = head.input[0]
         c_shape, c_zero, c_end, c_axis = (fresh("logits_to_keep_shape"), fresh("logits_to_keep_zero"),
                                           fresh("logits_to_keep_end"), fresh("logits_to_keep_axis"))
@@ -123,8 +122,8 @@ class LogitsToKeepPass(GraphPass):
         g = model.graph
         if not any(i.name == INPUT and i.type.tensor_type.elem_type == TensorProto.INT64 for i in g.input):
             raise PostconditionError(f"logits-to-keep: no int64 '{INPUT}' input after the rewrite")
-        head = _find_head(g, "logits")
-        producer = {o: n for n in g.node for o in n.output if o}
-        src = producer.get(head.input[0])
+        G = Graph(model, with_info=False)
+        head = _find_head(G, "logits")
+        src = G.producer(head.input[0])
         if src is None or src.op_type != "Slice":
             raise PostconditionError("logits-to-keep: the lm_head does not read the sliced hidden states")

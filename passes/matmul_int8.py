@@ -65,6 +65,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
 from passes import _quant
+from passes._graph import Graph
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import LOGITS
 
@@ -189,23 +190,6 @@ class _Site:
     is_lm_head: bool
 
 
-class _Names:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.used = {n.name for n in g.node} | {i.name for i in g.initializer} | {i.name for i in g.input}
-        for n in g.node:
-            self.used.update(n.output)
-
-    def make(self, base: str) -> str:
-        base = base or "q8"
-        name, i = base, 1
-        while name in self.used:
-            name = f"{base}_{i}"
-            i += 1
-        self.used.add(name)
-        return name
-
-
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -249,17 +233,17 @@ class MatMulInt8Pass(GraphPass):
 
     # ---------------------------------------------------------------- discovery
     def _constants(self, model: onnx.ModelProto):
-        inits = {i.name: i for i in model.graph.initializer}
+        G = Graph(model, with_info=False)
+        inits = {name: t for name, t in G.inits.items() if not G.is_overridable(name)}
         consts = {}
         for n in model.graph.node:
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                 for a in n.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         consts[n.output[0]] = a.t
-        producers = {o: n for n in model.graph.node for o in n.output}
-        return inits, consts, producers
+        return inits, consts, G
 
-    def _weight_of(self, name: str, inits, consts, producers, load: bool) -> _Weight | None:
+    def _weight_of(self, name: str, inits, consts, G: Graph, load: bool) -> _Weight | None:
         def tensor(nm):
             return inits.get(nm) if nm in inits else consts.get(nm)
 
@@ -268,7 +252,7 @@ class MatMulInt8Pass(GraphPass):
             if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
                 return None
             return _Weight(t, name, None, None)
-        node = producers.get(name)
+        node = G.producer(name)
         if node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
             perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
             src = tensor(node.input[0])
@@ -280,7 +264,7 @@ class MatMulInt8Pass(GraphPass):
         return {o.name for o in model.graph.output}
 
     def _sites(self, model: onnx.ModelProto, load: bool = False) -> tuple[list[_Site], list[str]]:
-        inits, consts, producers = self._constants(model)
+        inits, consts, G = self._constants(model)
         tables = {n.input[0]: inits[n.input[0]] for n in self._embedding_gathers(model, honour_exclude=False)}
         vocab_sizes = {t.dims[0] for t in tables.values()}
         sites, skipped = [], []
@@ -288,7 +272,7 @@ class MatMulInt8Pass(GraphPass):
         for n in model.graph.node:
             if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
                 continue
-            w = self._weight_of(n.input[1], inits, consts, producers, load)
+            w = self._weight_of(n.input[1], inits, consts, G, load)
             if w is None:
                 continue
             src = inits[w.source] if w.source in inits else consts[w.source]
@@ -312,18 +296,18 @@ class MatMulInt8Pass(GraphPass):
         return sites, skipped
 
     def _embedding_gathers(self, model: onnx.ModelProto, honour_exclude: bool = True) -> list[onnx.NodeProto]:
-        inits = {i.name: i for i in model.graph.initializer}
+        G = Graph(model, with_info=False)
         found = []
         for n in model.graph.node:
             if n.op_type != "Gather" or n.domain not in ("", "ai.onnx"):
                 continue
             axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-            t = inits.get(n.input[0])
+            t = G.initializer(n.input[0])
             if t is None or axis != 0 or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
                 continue
             if t.dims[1] < 2:  # a quantized table's per-row scales [V, 1] (this pass's own output), not an embedding
                 continue
-            if n.input[1] in inits:  # constant indices: not an embedding lookup
+            if n.input[1] in G.inits:  # constant indices: not an embedding lookup
                 continue
             if honour_exclude and self.options.exclude and _matches(n.name, self.options.exclude):
                 continue
@@ -357,7 +341,8 @@ class MatMulInt8Pass(GraphPass):
         out.CopyFrom(model)
         g = out.graph
         opt = self.options
-        names = _Names(out)
+        G = Graph(out, with_info=False)
+        fresh = lambda base: G.fresh_name(base or "q8")  # noqa: E731
         sites, skipped = self._sites(out, load=True)
         inits = {i.name: i for i in g.initializer}
         new_inits: list[TensorProto] = []
@@ -373,8 +358,8 @@ class MatMulInt8Pass(GraphPass):
                 tname = gn.input[0]
                 if tname not in table_q:
                     arr = tensors.array(inits[tname])
-                    qn = names.make(tname + "_int8")
-                    sn = names.make(tname + "_row_scale")
+                    qn = fresh(tname + "_int8")
+                    sn = fresh(tname + "_row_scale")
                     q, s = self._quantize_rows(arr, tname, qn)
                     new_inits += [tensors.new_tensor(q, qn), tensors.new_tensor(s.reshape(-1, 1), sn)]
                     table_q[tname] = (qn, sn, s, inits[tname])
@@ -382,42 +367,38 @@ class MatMulInt8Pass(GraphPass):
                     candidates.add(tname)
                 qn, sn = table_q[tname][:2]
                 base = gn.name or "embedding"
-                rows = names.make(base + "_rows_int8")
-                rscale = names.make(base + "_rows_scale")
-                rf = names.make(base + "_rows_float")
+                rows = fresh(base + "_rows_int8")
+                rscale = fresh(base + "_rows_scale")
+                rf = fresh(base + "_rows_float")
                 nodes = [
-                    helper.make_node("Gather", [qn, gn.input[1]], [rows], names.make(base + "_q"), axis=0),
-                    helper.make_node("Gather", [sn, gn.input[1]], [rscale], names.make(base + "_scale"), axis=0),
-                    helper.make_node("Cast", [rows], [rf], names.make(base + "_cast"), to=TensorProto.FLOAT),
-                    helper.make_node("Mul", [rf, rscale], [gn.output[0]], names.make(base + "_dequant")),
+                    helper.make_node("Gather", [qn, gn.input[1]], [rows], fresh(base + "_q"), axis=0),
+                    helper.make_node("Gather", [sn, gn.input[1]], [rscale], fresh(base + "_scale"), axis=0),
+                    helper.make_node("Cast", [rows], [rf], fresh(base + "_cast"), to=TensorProto.FLOAT),
+                    helper.make_node("Mul", [rf, rscale], [gn.output[0]], fresh(base + "_dequant")),
                 ]
                 gather_replacements[id(gn)] = nodes
                 stats["gathers"] += 1
 
         # ---- MatMuls
-        consumers = defaultdict(list)
-        for n in g.node:
-            for i in n.input:
-                consumers[i].append(n)
         by_act = defaultdict(list)
         for s in sites:
             by_act[s.node.input[0]].append(s)
         dql_for: dict[str, tuple[str, str, str]] = {}
         dql_node_at: dict[int, list[onnx.NodeProto]] = {}  # id(first MatMul) -> activation-quantize nodes
         per_token = opt.activations == "per-token"
-        zp_name = names.make("q8_weight_zero_point")
+        zp_name = fresh("q8_weight_zero_point")
         if sites:
             new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zp_name))
         if sites and per_token:
-            c127, ctiny, a_zp = names.make("q8_127"), names.make("q8_tiny_scale"), names.make("q8_act_zero_point")
-            c128 = names.make("q8_128")
+            c127, ctiny, a_zp = fresh("q8_127"), fresh("q8_tiny_scale"), fresh("q8_act_zero_point")
+            c128 = fresh("q8_128")
             new_inits += [numpy_helper.from_array(np.array(QMAX, np.float32), c127),
                           numpy_helper.from_array(np.array(1e-30, np.float32), ctiny),
                           numpy_helper.from_array(np.array(128, np.float32), c128),
                           numpy_helper.from_array(np.array(128, np.uint8), a_zp)]
             opset = _default_opset(out)
             if opset >= 18:
-                c_axes = names.make("q8_last_axis")
+                c_axes = fresh("q8_last_axis")
                 new_inits.append(numpy_helper.from_array(np.array([-1], np.int64), c_axes))
         replacements: dict[int, list[onnx.NodeProto]] = {}
         bias_swaps: list[onnx.NodeProto] = []
@@ -428,28 +409,28 @@ class MatMulInt8Pass(GraphPass):
             act = n.input[0]
             base = n.name or n.output[0]
             if act not in dql_for:
-                aq, asc = names.make(act + "_quantized"), names.make(act + "_scale")
+                aq, asc = fresh(act + "_quantized"), fresh(act + "_scale")
                 if per_token:
                     # symmetric per-row (token) scale max|x_row|/127, uint8 with a fixed zero point 128
-                    t = {k: names.make(f"{act}_{k}") for k in ("abs", "absmax", "scale0", "div", "round", "shift")}
-                    reduce = (helper.make_node("ReduceMax", [t["abs"], c_axes], [t["absmax"]], names.make(act + "_ReduceMax"), keepdims=1)
+                    t = {k: fresh(f"{act}_{k}") for k in ("abs", "absmax", "scale0", "div", "round", "shift")}
+                    reduce = (helper.make_node("ReduceMax", [t["abs"], c_axes], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1)
                               if opset >= 18 else
-                              helper.make_node("ReduceMax", [t["abs"]], [t["absmax"]], names.make(act + "_ReduceMax"), keepdims=1, axes=[-1]))
+                              helper.make_node("ReduceMax", [t["abs"]], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1, axes=[-1]))
                     nodes_q = [
-                        helper.make_node("Abs", [act], [t["abs"]], names.make(act + "_Abs")),
+                        helper.make_node("Abs", [act], [t["abs"]], fresh(act + "_Abs")),
                         reduce,
-                        helper.make_node("Div", [t["absmax"], c127], [t["scale0"]], names.make(act + "_scale_div")),
-                        helper.make_node("Max", [t["scale0"], ctiny], [asc], names.make(act + "_scale_floor")),
-                        helper.make_node("Div", [act, asc], [t["div"]], names.make(act + "_Div")),
-                        helper.make_node("Round", [t["div"]], [t["round"]], names.make(act + "_Round")),
-                        helper.make_node("Add", [t["round"], c128], [t["shift"]], names.make(act + "_shift")),
-                        helper.make_node("Cast", [t["shift"]], [aq], names.make(act + "_to_uint8"), to=TensorProto.UINT8),
+                        helper.make_node("Div", [t["absmax"], c127], [t["scale0"]], fresh(act + "_scale_div")),
+                        helper.make_node("Max", [t["scale0"], ctiny], [asc], fresh(act + "_scale_floor")),
+                        helper.make_node("Div", [act, asc], [t["div"]], fresh(act + "_Div")),
+                        helper.make_node("Round", [t["div"]], [t["round"]], fresh(act + "_Round")),
+                        helper.make_node("Add", [t["round"], c128], [t["shift"]], fresh(act + "_shift")),
+                        helper.make_node("Cast", [t["shift"]], [aq], fresh(act + "_to_uint8"), to=TensorProto.UINT8),
                     ]
                     azp = a_zp
                 else:
-                    azp = names.make(act + "_zero_point")
+                    azp = fresh(act + "_zero_point")
                     nodes_q = [helper.make_node("DynamicQuantizeLinear", [act], [aq, asc, azp],
-                                                names.make(act + "_DynamicQuantizeLinear"))]
+                                                fresh(act + "_DynamicQuantizeLinear"))]
                 dql_for[act] = (aq, asc, azp)
                 dql_node_at[id(n)] = nodes_q
                 if len(by_act[act]) > 1:
@@ -469,9 +450,9 @@ class MatMulInt8Pass(GraphPass):
                 qn, _, row_scale, _ = table_q[tied_to]
                 key = (tied_to + "#T", True)
                 if key not in wq_cache:
-                    tq = names.make(qn + "_T")
-                    pre.append(helper.make_node("Transpose", [qn], [tq], names.make(qn + "_Transpose"), perm=[1, 0]))
-                    sn = names.make(tied_to + "_col_scale")
+                    tq = fresh(qn + "_T")
+                    pre.append(helper.make_node("Transpose", [qn], [tq], fresh(qn + "_Transpose"), perm=[1, 0]))
+                    sn = fresh(tied_to + "_col_scale")
                     new_inits.append(tensors.new_tensor(row_scale.astype(np.float32), sn))
                     wq_cache[key] = (tq, sn)
                 stats["tied_lm_head_shared"] += 1
@@ -479,35 +460,35 @@ class MatMulInt8Pass(GraphPass):
                 key = (w.source + ("#T" if w.via_transpose else ""), opt.per_channel)
                 if key not in wq_cache:
                     label = w.source if not w.via_transpose else w.source + "_T"
-                    qn = names.make(label + "_int8")
-                    sn = names.make(label + "_scale")
+                    qn = fresh(label + "_int8")
+                    sn = fresh(label + "_scale")
                     q, scale = self._quantize_weight(w.load(), opt.per_channel, w.source, qn)
                     new_inits += [tensors.new_tensor(q, qn), tensors.new_tensor(scale, sn)]
                     wq_cache[key] = (qn, sn)
             wqn, wsn = wq_cache[key]
-            mmi = names.make(base + "_MatMulInteger_output")
-            castn = names.make(base + "_cast_output")
-            scl = names.make(base + "_scales")
+            mmi = fresh(base + "_MatMulInteger_output")
+            castn = fresh(base + "_cast_output")
+            scl = fresh(base + "_scales")
             nodes = pre + [
-                helper.make_node("MatMulInteger", [aq, wqn, azp, zp_name], [mmi], names.make(base + "_quant")),
-                helper.make_node("Cast", [mmi], [castn], names.make(base + "_cast"), to=TensorProto.FLOAT),
+                helper.make_node("MatMulInteger", [aq, wqn, azp, zp_name], [mmi], fresh(base + "_quant")),
+                helper.make_node("Cast", [mmi], [castn], fresh(base + "_cast"), to=TensorProto.FLOAT),
             ]
             if per_token:
                 # weight scale first, then the [.., 1] row scale: this order keeps ORT from fusing the
                 # chain into MatMulIntegerToFloat, whose a_scale must be a scalar (or per column of A)
                 nodes += [
-                    helper.make_node("Mul", [castn, wsn], [scl], names.make(base + "_weight_scale_mul")),
-                    helper.make_node("Mul", [scl, asc], [n.output[0]], names.make(base + "_token_scale_mul")),
+                    helper.make_node("Mul", [castn, wsn], [scl], fresh(base + "_weight_scale_mul")),
+                    helper.make_node("Mul", [scl, asc], [n.output[0]], fresh(base + "_token_scale_mul")),
                 ]
             else:
                 nodes += [
-                    helper.make_node("Mul", [asc, wsn], [scl], names.make(base + "_scales_mul")),
-                    helper.make_node("Mul", [castn, scl], [n.output[0]], names.make(base + "_output_scale_mul")),
+                    helper.make_node("Mul", [asc, wsn], [scl], fresh(base + "_scales_mul")),
+                    helper.make_node("Mul", [castn, scl], [n.output[0]], fresh(base + "_output_scale_mul")),
                 ]
             replacements[id(n)] = nodes
             stats["matmuls"] += 1
             if opt.fold_bias:
-                cons = consumers.get(n.output[0], [])
+                cons = G.users(n.output[0])
                 if (len(cons) == 1 and cons[0].op_type == "Add" and len(cons[0].input) == 2
                         and n.output[0] not in self._graph_outputs(out)):
                     add = cons[0]

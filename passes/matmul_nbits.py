@@ -45,8 +45,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
-from passes._fusion import MS_DOMAIN, ensure_opset, fresh_name, subgraph_reads, taken_names
-from passes._quant import blob_size, check_finite, k_blocks, quantize_blockwise
+from passes._graph import MS_DOMAIN, Graph, ensure_opset, subgraph_reads
+from passes._quant import blob_size, check_blockwise_options, check_finite, k_blocks, quantize_blockwise
 
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -134,16 +134,7 @@ class MatMulNBitsPass(GraphPass):
     # ------------------------------------------------------------------ options
     def validate_options(self) -> None:
         o = self.options
-        if o.method not in ("rtn", "search", "gptq"):
-            raise GraphkitError(f"matmul-nbits: method must be rtn, search or gptq, got {o.method!r}")
-        if o.method == "gptq" and not o.calibration:
-            raise GraphkitError("matmul-nbits: method=gptq needs calibration statistics (calibration=FILE; "
-                                "graphkit convert --calibration data.jsonl makes them)")
-        if isinstance(o.bits, bool) or o.bits not in (4, 8):
-            raise GraphkitError(f"matmul-nbits: bits must be 4 or 8, got {o.bits!r}")
-        bs = o.block_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or not 16 <= bs <= 256 or bs & (bs - 1):
-            raise GraphkitError(f"matmul-nbits: block_size must be a power of two from 16 to 256, got {bs!r}")
+        check_blockwise_options("matmul-nbits", o)
         if not isinstance(o.symmetric, bool):
             raise GraphkitError(f"matmul-nbits: symmetric must be true or false, got {o.symmetric!r}")
         al = o.accuracy_level
@@ -170,16 +161,8 @@ class MatMulNBitsPass(GraphPass):
         """(jobs, skipped {node: reason}, lm_head decisions {node: text}); reads, never writes."""
         o = self.options
         g = model.graph
-        inits = {t.name: t for t in g.initializer}
-        # IR >= 4: an initializer that is also a graph input can be overridden at run time.
-        overridable = {i.name for i in g.input} if model.ir_version >= 4 else set()
-        producer = {out: n for n in g.node for out in n.output if out}
-        consumers: dict[str, list[int]] = {}
-        for idx, n in enumerate(g.node):
-            for i in n.input:
-                if i:
-                    consumers.setdefault(i, []).append(idx)
-        graph_outputs = {x.name for x in g.output}
+        G = Graph(model, with_info=False)
+        inits = G.inits
         ranks = {}
         for vi in list(g.input) + list(g.value_info) + list(g.output):
             tt = vi.type.tensor_type
@@ -188,8 +171,8 @@ class MatMulNBitsPass(GraphPass):
 
         def const(name: str, through_transpose: bool = True, depth: int = 0) -> _Const | None:
             if name in inits:
-                return None if name in overridable else _Const(name, inits[name], None)
-            p = producer.get(name)
+                return None if G.is_overridable(name) else _Const(name, inits[name], None)
+            p = G.producer(name)
             if p is None or p.domain not in ("", "ai.onnx") or depth > 8:
                 return None
             if p.op_type == "Constant":
@@ -247,7 +230,7 @@ class MatMulNBitsPass(GraphPass):
             w = const(n.input[1])
             if w is None:
                 skipped[label] = (f"weight '{n.input[1]}' is a graph input (overridable at run time)"
-                                  if n.input[1] in overridable else "B is not a constant weight")
+                                  if n.input[1] in G.graph_inputs else "B is not a constant weight")
                 continue
             if len(w.shape) != 2:
                 skipped[label] = f"weight '{w.root}' is {len(w.shape)}-D, not 2-D"
@@ -282,15 +265,15 @@ class MatMulNBitsPass(GraphPass):
                 bits = 8 if o.lm_head in ("auto", "8") else 4
                 heads[label] = f"{what}; quantized to {bits} bits (lm_head={o.lm_head})"
             bias = None
-            if o.fold_bias and n.output[0] not in graph_outputs:
-                users = consumers.get(n.output[0], [])
-                add = g.node[users[0]] if len(users) == 1 else None
+            if o.fold_bias and n.output[0] not in G.graph_outputs:
+                users = G.users(n.output[0])
+                add = users[0] if len(users) == 1 else None
                 if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") \
                         and len(add.input) == 2 and list(add.input).count(n.output[0]) == 1:
                     other = add.input[1] if add.input[0] == n.output[0] else add.input[0]
                     b = const(other, through_transpose=False)
                     if b is not None and list(b.tensor.dims) == [N] and b.tensor.data_type == w.tensor.data_type:
-                        bias = (users[0], other, add.output[0])
+                        bias = (G.position(add), other, add.output[0])
             jobs.append(_Job(idx, n, w, bits, bias, tied=tie is not None))
         return jobs, skipped, heads
 
@@ -313,8 +296,7 @@ class MatMulNBitsPass(GraphPass):
         g = model.graph
 
         # 1. Quantize every distinct weight first (this is what can fail); the graph is untouched so far.
-        taken = taken_names(g)
-        fresh = lambda base: fresh_name(base, taken)  # noqa: E731
+        fresh = Graph(model, with_info=False).fresh_name
 
         packed: dict[tuple[str, bool, int], tuple[str, str, str | None]] = {}
         new_inits: list[TensorProto] = []

@@ -51,7 +51,7 @@ from onnx import helper
 
 from graphkit.errors import PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance
-from passes._fusion import (MS_DOMAIN, GraphIndex, attr, check_rewrite, fresh_name, node_label, remove_unused,
+from passes._graph import (MS_DOMAIN, Graph, attr, check_rewrite, fresh_name, node_label, remove_unused,
                             taken_names, toposort)
 
 
@@ -64,7 +64,7 @@ class _Site:
     interleaved: int
 
 
-def _split_sizes(gi: GraphIndex, split: onnx.NodeProto) -> list[int] | None:
+def _split_sizes(gi: Graph, split: onnx.NodeProto) -> list[int] | None:
     if len(split.input) > 1 and split.input[1]:
         v = gi.const(split.input[1])
         return None if v is None else [int(x) for x in v.reshape(-1)]
@@ -80,7 +80,7 @@ class PackGqaPass(GraphPass):
     mutates_input = True
     after = "fuse-rotary,fuse-gqa(padding=bias),pack-matmul"
 
-    def _match(self, gi: GraphIndex, gqa: onnx.NodeProto) -> _Site | str:
+    def _match(self, gi: Graph, gqa: onnx.NodeProto) -> _Site | str:
         if attr(gqa, "do_rotary", 0):
             return "already applies the rotary (do_rotary=1)"
         ins = list(gqa.input) + [""] * (10 - len(gqa.input))
@@ -127,7 +127,7 @@ class PackGqaPass(GraphPass):
         return _Site(gqa, split, rq, rk, int(interleaved))
 
     def _plan(self, model: onnx.ModelProto) -> tuple[list[_Site], dict[str, str]]:
-        gi = GraphIndex(model)
+        gi = Graph(model)
         sites, why = [], {}
         for n in model.graph.node:
             if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN:

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
-from passes._fusion import ONNX_DOMAINS, fresh_name, subgraph_reads, taken_names
+from passes._graph import ONNX_DOMAINS, Graph, subgraph_reads
 _FLOAT = {TensorProto.FLOAT, TensorProto.FLOAT16}
 
 
@@ -82,19 +82,12 @@ class PackMatMulPass(GraphPass):
     # ------------------------------------------------------------------ analysis
     def _plan(self, model: onnx.ModelProto) -> list[list[_Member]]:
         g = model.graph
-        inits = {t.name: t for t in g.initializer}
-        overridable = {i.name for i in g.input} if model.ir_version >= 4 else set()
-        outputs = {o.name for o in g.output}
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for x in n.input:
-                if x:
-                    readers.setdefault(x, []).append(n)
-        sub_reads = subgraph_reads(g)
+        G = Graph(model, with_info=False)
+        inits = G.inits
 
         def weight(name: str) -> TensorProto | None:
-            t = inits.get(name)
-            if t is None or name in overridable or len(t.dims) != 2 or t.data_type not in _FLOAT:
+            t = G.initializer(name)
+            if t is None or len(t.dims) != 2 or t.data_type not in _FLOAT:
                 return None
             return t
 
@@ -107,14 +100,14 @@ class PackMatMulPass(GraphPass):
                 continue
             m = _Member(i, n, n.input[1], int(w.dims[1]))
             out = n.output[0]
-            rs = readers.get(out, [])
-            if len(rs) == 1 and out not in outputs and out not in sub_reads:
+            rs = G.users(out)
+            if len(rs) == 1 and out not in G.graph_outputs and out not in G.subgraph_reads:
                 add = rs[0]
                 if add.op_type == "Add" and add.domain in ONNX_DOMAINS and len(add.input) == 2 \
                         and list(add.input).count(out) == 1:
                     other = add.input[1] if add.input[0] == out else add.input[0]
-                    b = inits.get(other)
-                    if b is not None and other not in overridable and list(b.dims) == [m.n] \
+                    b = G.initializer(other)
+                    if b is not None and list(b.dims) == [m.n] \
                             and b.data_type == w.data_type:
                         m.bias_add, m.bias = add, other
             by_input.setdefault(n.input[0], []).append(m)
@@ -145,9 +138,8 @@ class PackMatMulPass(GraphPass):
     def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
         groups = plan
         g = model.graph
-        inits = {t.name: t for t in g.initializer}
-        taken = taken_names(g)
-        fresh = lambda base: fresh_name(base, taken)  # noqa: E731
+        G = Graph(model, with_info=False)
+        inits, fresh = G.inits, G.fresh_name
 
         at: dict[int, list[onnx.NodeProto]] = {}
         drop: set[int] = set()

@@ -34,8 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
-from passes._fusion import MS_DOMAIN, ensure_opset
-from passes._quant import k_blocks, quantize_blockwise
+from passes._graph import MS_DOMAIN, Graph, ensure_opset
+from passes._quant import check_blockwise_options, k_blocks, quantize_blockwise
 
 
 @dataclass
@@ -60,14 +60,10 @@ class _Tie:
     transpose: onnx.NodeProto | None
 
 
-def _inits(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    return {t.name: t for t in graph.initializer}
-
-
 def _find_ties(model: onnx.ModelProto) -> list[_Tie]:
     g = model.graph
-    inits = _inits(g)
-    producers = {o: n for n in g.node for o in n.output}
+    G = Graph(model, with_info=False)
+    inits = {name: G.initializer(name) for name in G.inits if G.initializer(name) is not None}
     tables = {}
     for n in g.node:
         if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2 \
@@ -82,7 +78,7 @@ def _find_ties(model: onnx.ModelProto) -> list[_Tie]:
         w = n.input[1]
         for name, gather in tables.items():
             E = inits[name]
-            prod = producers.get(w)
+            prod = G.producer(w)
             if prod is not None and prod.op_type == "Transpose" and prod.input[0] == name:
                 perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), [1, 0])
                 if perm == [1, 0]:
@@ -104,15 +100,7 @@ class TiedEmbeddingPass(GraphPass):
     mutates_input = True
 
     def validate_options(self) -> None:
-        o = self.options
-        if o.method not in ("rtn", "search", "gptq"):
-            raise GraphkitError(f"tied-embedding: method must be rtn, search or gptq, got {o.method!r}")
-        if o.method == "gptq" and not o.calibration:
-            raise GraphkitError("tied-embedding: method=gptq needs calibration statistics (calibration=FILE)")
-        if o.bits not in (4, 8):
-            raise GraphkitError(f"tied-embedding: bits must be 4 or 8, got {o.bits}")
-        if o.block_size < 16 or o.block_size > 256 or o.block_size & (o.block_size - 1):
-            raise GraphkitError(f"tied-embedding: block_size must be a power of two in 16..256, got {o.block_size}")
+        check_blockwise_options("tied-embedding", self.options)
 
     def requires(self, model: onnx.ModelProto) -> None:
         ties = _find_ties(model)
@@ -126,8 +114,9 @@ class TiedEmbeddingPass(GraphPass):
         o = self.options
         tie = _find_ties(model)[0]
         g = model.graph
-        inits = _inits(g)
-        E = tensors.array(inits[tie.table])
+        G = Graph(model, with_info=False)
+        fresh = G.fresh_name  # every new name checked against the graph's (they used to be taken as given)
+        E = tensors.array(G.inits[tie.table])
         vocab, hidden = E.shape
         H = imp = None
         if o.calibration:
@@ -148,7 +137,7 @@ class TiedEmbeddingPass(GraphPass):
                                                      importance=imp)
         kb = k_blocks(hidden, o.block_size)
         base = tie.table.replace("/", "_").strip("_") or "embed"
-        names = {k: f"{base}_{k}" for k in ("q", "scales", "zero_points")}
+        names = {k: fresh(f"{base}_{k}") for k in ("q", "scales", "zero_points")}
         new_inits = [numpy_helper.from_array(packed, names["q"]), numpy_helper.from_array(scales, names["scales"])]
         if zps is not None:
             new_inits.append(numpy_helper.from_array(zps, names["zero_points"]))
@@ -159,7 +148,7 @@ class TiedEmbeddingPass(GraphPass):
             head_attrs["accuracy_level"] = o.accuracy_level
         head_inputs = [tie.head.input[0], names["q"], names["scales"]] + ([names["zero_points"]] if zps is not None else [])
         head = helper.make_node("MatMulNBits", head_inputs, list(tie.head.output),
-                                name=(tie.head.name or "lm_head") + "_tied_q", domain=MS_DOMAIN, **head_attrs)
+                                name=fresh((tie.head.name or "lm_head") + "_tied_q"), domain=MS_DOMAIN, **head_attrs)
 
         # lookup → Gather packed rows + scales, unpack, dequantize
         ids, out = tie.gather.input[1], tie.gather.output[0]
@@ -167,11 +156,12 @@ class TiedEmbeddingPass(GraphPass):
         nodes, consts = [], []
 
         def const(name: str, value: np.ndarray) -> str:
-            consts.append(numpy_helper.from_array(value, f"{p}_const_{name}"))
-            return f"{p}_const_{name}"
+            c_name = fresh(f"{p}_const_{name}")
+            consts.append(numpy_helper.from_array(value, c_name))
+            return c_name
 
         def node(op: str, inputs: list[str], suffix: str, **attrs) -> str:
-            o_name = f"{p}_{suffix}"
+            o_name = fresh(f"{p}_{suffix}")
             nodes.append(helper.make_node(op, inputs, [o_name], name=o_name, **attrs))
             return o_name
 
@@ -212,7 +202,7 @@ class TiedEmbeddingPass(GraphPass):
         if kb * o.block_size != hidden:
             flat = node("Slice", [flat, const("start", np.array([0], np.int64)), const("end", np.array([hidden], np.int64)),
                                   const("axis", np.array([-1], np.int64))], "sliced")
-        nodes.append(helper.make_node("Identity", [flat], [out], name=f"{p}_out"))
+        nodes.append(helper.make_node("Identity", [flat], [out], name=fresh(f"{p}_out")))
 
         # splice: replace the Gather in place (keeps topological order), swap the head, drop dead weights
         new_nodes = []

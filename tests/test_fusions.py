@@ -325,7 +325,7 @@ def _attn_graph(N=4, KV=2, H=8, hidden=16, mask="causal", scale_split=True):
     """One decoder attention block the way the exporters write it after fuse-rotary: projections,
     head split, RotaryEmbedding, past concat (present.* outputs), repeat_kv, scaled QK^T + mask bias
     (from attention_mask), softmax, PV, head merge."""
-    from passes._fusion import MS_DOMAIN
+    from passes._graph import MS_DOMAIN
     rep = N // KV
     rng = np.random.default_rng(5)
     L = 64

@@ -1,8 +1,22 @@
-"""Helpers shared by the fusion passes (``fuse-rmsnorm``, ``fuse-rotary``, ``fuse-gqa``, ``pack-matmul``).
+"""The graph layer every pass shares: one index over a ``ModelProto``'s top-level graph and the edit tools.
 
-:class:`GraphIndex` (producers, consumers, constants and shapes of one graph), :func:`infer_value_info`,
-:func:`subgraph_reads` (names read by If/Loop bodies from the outer scope), and the small edit tools the
-passes share: :func:`remove_unused`, :func:`declare`, :func:`ensure_opset`, :func:`toposort`.
+Measured against onnx-ir (``benchmarks/graph_layer.py``, RESULTS ``graph-layer-choice``, ``docs/graph-layer.md``):
+passes keep editing ``onnx.ModelProto`` (protobuf messages, lazy external tensors of ``graphkit.modelio``) and
+this module is the one place that knows how to read and edit it:
+
+* :class:`Graph`: ``producer(name)``, ``uses(name)`` (reader nodes and input slots), ``node_of`` (typed
+  producer), ``const``/``is_const``/``initializer`` (constants, through Identity), element types and shapes,
+  ``replace_all_uses_with``, ``rename``, ``insert_after``, ``fresh_name`` (names are claimed against every
+  tensor and node name of the graph);
+* :func:`is_overridable` / :func:`overridable`: THE rule for an initializer that is also a graph input
+  (IR >= 4: it can be fed at run time, so it is no constant);
+* :func:`infer_shapes`: THE shape-inference setup (a copy without large weights, any model size);
+* :func:`fresh_name` / :func:`taken_names`: THE name authority (``Graph.fresh_name`` uses them);
+* :func:`remove_unused` (cleanup), :func:`toposort`, :func:`declare`, :func:`ensure_opset`,
+  :func:`subgraph_reads`, :func:`check_rewrite` (the postconditions every rewrite shares).
+
+The index is a view of the graph when it was built; the edit methods keep it current, other edits need a new
+``Graph``.
 """
 from __future__ import annotations
 
@@ -18,6 +32,55 @@ from graphkit import tensors
 MS_DOMAIN = "com.microsoft"
 ONNX_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+# ============================================================================ the rules
+def overridable(model: onnx.ModelProto) -> set[str]:
+    """Names of the initializers that are also graph inputs in a model of IR >= 4: a caller may feed them
+    at run time, so their stored value is only a default and no pass may treat them as constants."""
+    if model.ir_version < 4:
+        return set()
+    inputs = {i.name for i in model.graph.input}
+    return {t.name for t in model.graph.initializer if t.name in inputs}
+
+
+def is_overridable(model: onnx.ModelProto, name: str) -> bool:
+    """``name`` is an initializer a caller can override (see :func:`overridable`)."""
+    return name in overridable(model)
+
+
+def weight_free_copy(model: onnx.ModelProto, small_numel: int = 4096, value_info: bool = True) -> onnx.ModelProto:
+    """The model's top-level graph without its large weights: initializers of more than ``small_numel``
+    elements or stored externally become typed graph inputs (a weight's values never decide a shape), so
+    shape inference runs on any model size without reading weights. Small ones stay (Reshape targets, axes)."""
+    g = model.graph
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sg = sk.graph
+    sg.name = g.name or "g"
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.node.extend(g.node)
+    if value_info:
+        sg.value_info.extend(g.value_info)
+    names = {i.name for i in g.input}
+    for t in g.initializer:
+        numel = int(np.prod(t.dims)) if len(t.dims) else 1
+        if numel <= small_numel and t.data_location != TensorProto.EXTERNAL:
+            sg.initializer.append(t)
+        elif t.name not in names:
+            sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return sk
+
+
+def infer_shapes(model: onnx.ModelProto, data_prop: bool = True, value_info: bool = True,
+                 small_numel: int = 4096) -> onnx.ModelProto:
+    """ONNX shape inference (lenient: no type check, not strict) on :func:`weight_free_copy` of ``model``;
+    returns the inferred copy (its graph's input/output/value_info carry the result). Raises what onnx raises;
+    callers decide whether inference is best effort. ``model`` may already be a weight-free copy."""
+    sk = weight_free_copy(model, small_numel, value_info)
+    return onnx.shape_inference.infer_shapes(sk, check_type=False, strict_mode=False, data_prop=data_prop)
 
 
 # ============================================================================ shared helpers
@@ -36,31 +99,13 @@ def _vi_info(vi: onnx.ValueInfoProto) -> ValueInfo:
 
 
 def infer_value_info(model: onnx.ModelProto, small_numel: int = 4096) -> dict[str, ValueInfo]:
-    """Element type and shape of every tensor ONNX shape inference can tell, on a copy of the graph
-    whose large initializers are replaced by typed graph inputs (works for > 2 GB models and for
-    models whose weights are external). Outputs of contrib ops get no entry unless the model
-    carries value_info for them."""
+    """Element type and shape of every tensor ONNX shape inference can tell (:func:`infer_shapes`; works
+    for > 2 GB models and for models whose weights are external). Outputs of contrib ops get no entry
+    unless the model carries value_info for them."""
     g = model.graph
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
-    sg = sk.graph
-    sg.name = g.name or "g"
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    sg.node.extend(g.node)
-    sg.value_info.extend(g.value_info)
-    info: dict[str, ValueInfo] = {}
-    names = {i.name for i in g.input}
-    for t in g.initializer:
-        info[t.name] = ValueInfo(t.data_type, [int(d) for d in t.dims])
-        numel = int(np.prod(t.dims)) if len(t.dims) else 1
-        if numel <= small_numel and t.data_location != TensorProto.EXTERNAL:
-            sg.initializer.append(t)
-        elif t.name not in names:
-            sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    info: dict[str, ValueInfo] = {t.name: ValueInfo(t.data_type, [int(d) for d in t.dims]) for t in g.initializer}
     try:
-        inf = onnx.shape_inference.infer_shapes(sk, check_type=False, strict_mode=False, data_prop=True)
+        inf = infer_shapes(model, small_numel=small_numel)
         vis = list(inf.graph.input) + list(inf.graph.output) + list(inf.graph.value_info)
     except Exception:  # inference is best effort: fall back to what the model declares
         vis = list(g.input) + list(g.output) + list(g.value_info)
@@ -81,49 +126,139 @@ def infer_value_info(model: onnx.ModelProto, small_numel: int = 4096) -> dict[st
     return info
 
 
-class GraphIndex:
-    """Producers, consumers, constants and value info of a graph's top level (read-only view; build a
-    new one after editing)."""
+class Graph:
+    """Producers, readers, constants and value info of a model's top-level graph.
 
-    def __init__(self, model: onnx.ModelProto, with_info: bool = True) -> None:
+    A view of the graph when it was built, kept current by its own edit methods (``replace_all_uses_with``,
+    ``rename``, ``insert_after``, ``fresh_name``); after other edits build a new one."""
+
+    def __init__(self, model: onnx.ModelProto, with_info: bool = True,
+                 nodes: list[onnx.NodeProto] | None = None) -> None:
+        """``nodes``: index this node list (a pass's working copy of ``graph.node``) instead of the graph's."""
         self.model = model
         g = self.graph = model.graph
         self.inits = {t.name: t for t in g.initializer}
-        # IR >= 4: an initializer that is also a graph input can be overridden at run time.
-        self.overridable = {i.name for i in g.input} if model.ir_version >= 4 else set()
+        self.overridable = overridable(model)
         self.graph_inputs = {i.name for i in g.input} - (set(self.inits) - self.overridable)
         self.graph_outputs = {o.name for o in g.output}
-        self.producer: dict[str, onnx.NodeProto] = {}
+        self.producers: dict[str, onnx.NodeProto] = {}
         self.index: dict[int, int] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for i, n in enumerate(g.node):
+        self._uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for i, n in enumerate(g.node if nodes is None else nodes):
             self.index[id(n)] = i
-            for o in n.output:
-                if o:
-                    self.producer[o] = n
-            for x in n.input:
-                if x:
-                    self.consumers.setdefault(x, []).append(n)
+            self._add(n)
         self.subgraph_reads = subgraph_reads(g)
         self.info = infer_value_info(model) if with_info else {}
+        self._taken = taken_names(g)  # the graph's names now: a later edit cannot make a handed-out name clash
+
+    def _add(self, n: onnx.NodeProto) -> None:
+        for o in n.output:
+            if o:
+                self.producers[o] = n
+        for s, x in enumerate(n.input):
+            if x:
+                self._uses.setdefault(x, []).append((n, s))
 
     # ------------------------------------------------------------------ structure
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The node that computes ``name`` (None for graph inputs, initializers and unknown names)."""
+        return self.producers.get(name)
+
+    def uses(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
+        """Every (node, input slot) of the top level reading ``name``, in graph order."""
+        return self._uses.get(name, [])
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        """The nodes reading ``name`` (a node reading it twice appears twice)."""
+        return [n for n, _ in self.uses(name)]
+
+    def position(self, node: onnx.NodeProto) -> int:
+        """The node's index in ``graph.node`` (or the ``nodes`` given) when the index was built."""
+        return self.index[id(node)]
+
     def node_of(self, name: str, op_type: str | tuple[str, ...] | None = None,
                 domain: tuple[str, ...] = ONNX_DOMAINS) -> onnx.NodeProto | None:
-        n = self.producer.get(name)
+        n = self.producers.get(name)
         if n is None or n.domain not in domain:
             return None
         if op_type is not None and n.op_type not in ((op_type,) if isinstance(op_type, str) else op_type):
             return None
         return n
 
-    def users(self, name: str) -> list[onnx.NodeProto]:
-        return self.consumers.get(name, [])
-
     def only_user(self, name: str, node: onnx.NodeProto) -> bool:
         """``name`` is read by ``node`` alone (any number of times), by no subgraph, and is no graph output."""
         return (name not in self.graph_outputs and name not in self.subgraph_reads
                 and all(u is node for u in self.users(name)))
+
+    def is_overridable(self, name: str) -> bool:
+        """An initializer a caller can feed at run time (:func:`overridable`): no constant."""
+        return name in self.overridable
+
+    def initializer(self, name: str) -> TensorProto | None:
+        """The initializer ``name`` when it is a constant (not overridable), else None."""
+        t = self.inits.get(name)
+        return None if t is None or name in self.overridable else t
+
+    # ------------------------------------------------------------------ names and edits
+    def fresh_name(self, base: str) -> str:
+        """``base`` or ``base_1``, ``base_2`` …: free among every tensor and node name of the graph and every
+        name this index handed out before (:func:`fresh_name`)."""
+        return fresh_name(base, self._taken)
+
+    def replace_all_uses_with(self, old: str, new: str, graph_outputs: bool = True) -> None:
+        """Every top-level node reading ``old`` reads ``new`` instead; with ``graph_outputs`` a graph output
+        named ``old`` is renamed ``new`` too (its producer must then write ``new``). Subgraph reads are not
+        rewritten (an error if there are any: rename the producer instead)."""
+        if old in self.subgraph_reads:
+            raise ValueError(f"'{old}' is read inside a subgraph; replace_all_uses_with covers the top level only")
+        moved = self._uses.pop(old, [])
+        for n, s in moved:
+            n.input[s] = new
+        self._uses.setdefault(new, []).extend(moved)
+        if graph_outputs and old in self.graph_outputs:
+            for o in self.graph.output:
+                if o.name == old:
+                    o.name = new
+            self.graph_outputs = (self.graph_outputs - {old}) | {new}
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a tensor everywhere at the top level: its producer's output (or the graph input /
+        initializer), every reader, graph outputs and value_info."""
+        n = self.producers.pop(old, None)
+        if n is not None:
+            n.output[list(n.output).index(old)] = new
+            self.producers[new] = n
+        for vi in list(self.graph.input) + list(self.graph.value_info):
+            if vi.name == old:
+                vi.name = new
+        if old in self.inits:
+            t = self.inits.pop(old)
+            t.name = new
+            self.inits[new] = t
+            if old in self.overridable:
+                self.overridable = (self.overridable - {old}) | {new}
+        if old in self.graph_inputs:
+            self.graph_inputs = (self.graph_inputs - {old}) | {new}
+        self.replace_all_uses_with(old, new, graph_outputs=True)
+        self._taken.add(new)
+
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> onnx.NodeProto:
+        """Insert ``node`` right after ``anchor`` in ``graph.node``; returns the stored node (protobuf copies
+        it). Positions of later nodes shift: ``position`` is refreshed lazily."""
+        g = self.graph.node
+        k = self._where(anchor) + 1
+        g.insert(k, node)
+        stored = g[k]
+        self._add(stored)
+        self.index = {id(m): i for i, m in enumerate(g)}
+        return stored
+
+    def _where(self, node: onnx.NodeProto) -> int:
+        k = self.index.get(id(node))
+        if k is None or self.graph.node[k] is not node:
+            self.index = {id(m): i for i, m in enumerate(self.graph.node)}
+            k = self.index[id(node)]
+        return k
 
     # ------------------------------------------------------------------ constants
     def const(self, name: str, depth: int = 0) -> np.ndarray | None:
@@ -132,7 +267,7 @@ class GraphIndex:
             return None
         if name in self.inits:
             return None if name in self.overridable else _to_array(self.inits[name])
-        n = self.producer.get(name)
+        n = self.producers.get(name)
         if n is None or n.domain not in ONNX_DOMAINS or depth > 8:
             return None
         if n.op_type == "Constant":
@@ -151,7 +286,7 @@ class GraphIndex:
     def is_const(self, name: str) -> bool:
         if name in self.inits:
             return name not in self.overridable
-        n = self.producer.get(name)
+        n = self.producers.get(name)
         return n is not None and n.domain in ONNX_DOMAINS and (
             n.op_type == "Constant" or (n.op_type == "Identity" and self.is_const(n.input[0])))
 
@@ -163,10 +298,10 @@ class GraphIndex:
 
     def const_root(self, name: str) -> str:
         """The initializer / Constant output behind Identity nodes (for reuse as a fused input)."""
-        n = self.producer.get(name)
+        n = self.producers.get(name)
         while n is not None and n.op_type == "Identity" and n.domain in ONNX_DOMAINS:
             name = n.input[0]
-            n = self.producer.get(name)
+            n = self.producers.get(name)
         return name
 
     # ------------------------------------------------------------------ types and shapes
@@ -188,17 +323,20 @@ class GraphIndex:
             return s[-1]
         return None
 
-    def fresh(self, base: str, taken: set[str]) -> str:
-        return fresh_name(base, taken)
 
-    def taken_names(self) -> set[str]:
-        return taken_names(self.graph)
+def tensor_names(g: onnx.GraphProto) -> set[str]:
+    """Every tensor name of ``g``'s top level (initializers, inputs, outputs, node inputs and outputs)."""
+    return ({t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+            | {x for n in g.node for x in list(n.input) + list(n.output) if x})
+
+
+def node_names(g: onnx.GraphProto) -> set[str]:
+    return {n.name for n in g.node if n.name}
 
 
 def taken_names(g: onnx.GraphProto) -> set[str]:
-    """Every tensor and node name of ``g`` (initializers, inputs, outputs, node outputs, node names)."""
-    return ({t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
-            | {o for n in g.node for o in n.output} | {n.name for n in g.node if n.name})
+    """Every tensor and node name of ``g`` (one namespace: a new name clashes with neither)."""
+    return tensor_names(g) | node_names(g)
 
 
 def fresh_name(base: str, taken: set[str]) -> str:
@@ -235,6 +373,47 @@ def subgraph_reads(g: onnx.GraphProto) -> set[str]:
         for sub in _subgraphs(n):
             walk(sub)
     return reads
+
+
+def rename_values(g: onnx.GraphProto, m: dict[str, str]) -> None:
+    """Simultaneous rename (swaps are fine) of every reference to the tensors in ``m``: graph inputs, outputs,
+    value_info, initializers, node inputs and outputs, and outer-scope reads inside subgraphs."""
+    if not m:
+        return
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.name in m:
+            vi.name = m[vi.name]
+    for t in g.initializer:
+        if t.name in m:
+            t.name = m[t.name]
+    rename_in_nodes(g.node, m)
+
+
+def rename_in_nodes(nodes, m: dict[str, str], outputs: bool = True) -> None:
+    """Simultaneous rename in the nodes' inputs (and outputs) and in their subgraphs' outer-scope reads."""
+    if not m:
+        return
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            if x in m:
+                n.input[i] = m[x]
+        if outputs:
+            for i, x in enumerate(n.output):
+                if x in m:
+                    n.output[i] = m[x]
+        for sub in _subgraphs(n):
+            _rename_outer(sub, m)
+
+
+def _rename_outer(g: onnx.GraphProto, m: dict[str, str]) -> None:
+    """Rename outer-scope references inside a subgraph (names it defines itself are left alone)."""
+    local = {vi.name for vi in g.input} | {t.name for t in g.initializer}
+    local.update(o for n in g.node for o in n.output if o)
+    mm = {k: v for k, v in m.items() if k not in local}
+    rename_in_nodes(g.node, mm, outputs=False)
+    for vi in g.output:
+        if vi.name in mm:
+            vi.name = mm[vi.name]
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
