@@ -229,20 +229,8 @@ def vocab_findings(report: dict, config: dict | None) -> list[dict]:
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every value, by ONNX shape inference on a copy without weight data (large
     initializers become typed graph inputs: a 1 GB inline fp16 file is not copied for this)."""
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    g = light.graph
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    declared = {v.name for v in model.graph.input}
-    for t in model.graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) <= 4096:
-            g.initializer.append(t)  # small ones can carry shapes (Reshape targets, axes)
-        elif t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    light.functions.extend(model.functions)
+    from graphkit.modelio import graph_skeleton
+    light = graph_skeleton(model, min_bytes=4097)  # small ones can carry shapes (Reshape targets, axes)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:  # an unknown contrib op or a broken graph: use what the file states

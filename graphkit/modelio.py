@@ -16,7 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -405,19 +405,24 @@ def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def graph_skeleton(model: onnx.ModelProto, min_bytes: int = SKELETON_MIN_BYTES) -> onnx.ModelProto:
+def graph_skeleton(model: onnx.ModelProto, min_bytes: int = SKELETON_MIN_BYTES,
+                   keep: Callable[[TensorProto], bool] | None = None) -> onnx.ModelProto:
     """A copy of the model without its large weights: each initializer of at least ``min_bytes``
     (in memory or on disk) becomes a graph input of the same name, type and shape.
 
     onnx.checker and shape inference see every node exactly as before (a weight's values never
     decide a shape), but nothing large is copied or serialized, the 2 GB protobuf limit does not
     apply, and lazy external references (absolute paths, which the checker refuses) stay out of it.
+    ``keep``: which in-memory initializers stay (default: those under ``min_bytes``); external ones never do.
+    The one weight-free copy: checker, shape inference (``passes._graph.infer_shapes``) and diagnose use it.
     """
     skel = _without_initializers(model)
     g, sg = model.graph, skel.graph
+    declared = {i.name for i in g.input}  # an overridable initializer is declared already: no second input
     for t in g.initializer:
-        if is_external(t) or nbytes(t) >= min_bytes:
-            sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        if is_external(t) or (not keep(t) if keep is not None else nbytes(t) >= min_bytes):
+            if t.name not in declared:
+                sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             sg.initializer.append(t)
     return skel

@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from graphkit import tensors
+from graphkit.modelio import graph_skeleton
 
 MS_DOMAIN = "com.microsoft"
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -50,27 +51,13 @@ def is_overridable(model: onnx.ModelProto, name: str) -> bool:
 
 
 def weight_free_copy(model: onnx.ModelProto, small_numel: int = 4096, value_info: bool = True) -> onnx.ModelProto:
-    """The model's top-level graph without its large weights: initializers of more than ``small_numel``
-    elements or stored externally become typed graph inputs (a weight's values never decide a shape), so
-    shape inference runs on any model size without reading weights. Small ones stay (Reshape targets, axes)."""
-    g = model.graph
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
-    sg = sk.graph
-    sg.name = g.name or "g"
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    sg.node.extend(g.node)
-    if value_info:
-        sg.value_info.extend(g.value_info)
-    names = {i.name for i in g.input}
-    for t in g.initializer:
-        numel = int(np.prod(t.dims)) if len(t.dims) else 1
-        if numel <= small_numel and t.data_location != TensorProto.EXTERNAL:
-            sg.initializer.append(t)
-        elif t.name not in names:
-            sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    """The model without its large weights (``graphkit.modelio.graph_skeleton``): initializers of more than
+    ``small_numel`` elements or stored externally become typed graph inputs (a weight's values never decide a
+    shape), so shape inference runs on any model size without reading weights. Small ones stay (Reshape
+    targets, axes). ``value_info=False`` drops what the exporter declared (inference starts from nothing)."""
+    sk = graph_skeleton(model, keep=lambda t: (int(np.prod(t.dims)) if len(t.dims) else 1) <= small_numel)
+    if not value_info:
+        del sk.graph.value_info[:]
     return sk
 
 
@@ -425,6 +412,18 @@ def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
 
 def node_label(n: onnx.NodeProto) -> str:
     return n.name or (n.output[0] if n.output else "<unnamed>")
+
+
+def node_scope(n: onnx.NodeProto) -> str:
+    """The exporter's module path of a node (``/model/layers.0/attn/Softmax`` → ``/model/layers.0/attn``):
+    the base for the names of what replaces it."""
+    label = node_label(n)
+    return label.rsplit("/", 1)[0] if "/" in label else label
+
+
+def why_detail(why: dict[str, str], n: int = 3) -> str:
+    """`` (reason; reason; …)`` — the distinct reasons a pattern did not match, for PassNotApplicable."""
+    return f" ({'; '.join(sorted(set(why.values()))[:n])})" if why else ""
 
 
 def other_input(node: onnx.NodeProto, name: str) -> str | None:

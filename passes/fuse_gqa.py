@@ -82,7 +82,7 @@ from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import ATTENTION_MASK, BATCH, PAST_SEQUENCE, POSITION_IDS, SEQUENCE, TOTAL_SEQUENCE
 from passes._graph import (MS_DOMAIN, ONNX_DOMAINS, Graph, attr, check_rewrite, declare, ensure_opset,
-                            node_label, remove_unused, toposort)
+                            node_label, node_scope, remove_unused, toposort, why_detail)
 from passes._evaluate import cone_walk, run_nodes, tensor_nbytes
 
 _WORLD = dict(b=2, s=3, p=2)            # the batch used for the numeric checks (row 0 left-padded by 1)
@@ -520,7 +520,7 @@ class FuseGqaPass(GraphPass):
         plan = self._plan(model)
         _, found, why = plan
         if not found:
-            detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
+            detail = why_detail(why)
             raise PassNotApplicable("no KV-cache attention block to fuse into GroupQueryAttention" + detail)
         return plan
 
@@ -533,7 +533,7 @@ class FuseGqaPass(GraphPass):
         new_by_out: dict[str, list[onnx.NodeProto]] = {}
         created = []
         for a in found:
-            base = node_label(a.softmax).rsplit("/", 1)[0] if "/" in node_label(a.softmax) else node_label(a.softmax)
+            base = node_scope(a.softmax)
             qr, kr = fresh(f"{a.q_lin}_rotary"), fresh(f"{a.k_lin}_rotary")
             nodes = [
                 helper.make_node("RotaryEmbedding", [a.q_lin, a.positions, a.cos, a.sin], [qr],

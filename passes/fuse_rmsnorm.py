@@ -52,7 +52,7 @@ from onnx import TensorProto, helper
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from passes._graph import (MS_DOMAIN, ONNX_DOMAINS, Graph, attr, check_rewrite, declare, ensure_opset,
-                            node_label, other_input, remove_unused, toposort)
+                            node_label, node_scope, other_input, remove_unused, toposort)
 
 
 # ============================================================================ the pass
@@ -287,7 +287,7 @@ class FuseRmsNormPass(GraphPass):
         rename: dict[str, str] = {}
         n_skip = 0
         for m in norms:
-            base = node_label(m.nodes[1]).rsplit("/", 1)[0] if "/" in node_label(m.nodes[1]) else node_label(m.nodes[1])
+            base = node_scope(m.nodes[1])
             if m.add is not None:
                 sum_name = m.add.output[0]
                 new = helper.make_node("SkipSimplifiedLayerNormalization",

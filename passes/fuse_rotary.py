@@ -49,7 +49,7 @@ from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from passes._evaluate import cone, evaluate
 from passes._graph import (MS_DOMAIN, ONNX_DOMAINS, Graph, attr, check_rewrite, declare, ensure_opset,
-                            node_label, other_input, remove_unused, toposort)
+                            node_label, other_input, remove_unused, toposort, why_detail)
 
 
 # ============================================================================ the pass
@@ -220,7 +220,7 @@ class FuseRotaryPass(GraphPass):
         plan = self._plan(model)
         _, found, why, _ = plan
         if not found:
-            detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
+            detail = why_detail(why)
             raise PassNotApplicable("no decomposed rotary embedding (x*cos + rotate_half(x)*sin) found" + detail)
         return plan
 

@@ -52,7 +52,7 @@ from onnx import helper
 from graphkit.errors import PassNotApplicable, PostconditionError
 from graphkit.passbase import GraphPass, PassResult, Tolerance
 from passes._graph import (MS_DOMAIN, Graph, attr, check_rewrite, fresh_name, node_label, remove_unused,
-                            taken_names, toposort)
+                            taken_names, toposort, why_detail)
 
 
 @dataclass
@@ -142,7 +142,7 @@ class PackGqaPass(GraphPass):
         plan = self._plan(model)
         sites, why = plan
         if not sites:
-            detail = f" ({'; '.join(sorted(set(why.values()))[:3])})" if why else ""
+            detail = why_detail(why)
             raise PassNotApplicable("no GroupQueryAttention reading a split q/k/v projection through "
                                     "RotaryEmbedding" + detail)
         return plan
