@@ -124,3 +124,19 @@ def test_cleanup_and_toposort():
     toposort(m)
     assert [n.name for n in m.graph.node] == ["mm", "dead", "add", "id", "mm2"]
     assert remove_unused(m) == 1 and [n.name for n in m.graph.node] == ["mm", "add", "id", "mm2"]
+
+
+def test_rename_values_is_simultaneous_and_reaches_subgraph_reads():
+    """Swaps are fine, and a subgraph's read of an outer tensor follows the rename (its own names do not)."""
+    from passes._graph import rename_values
+    m = _model()
+    then = helper.make_graph([helper.make_node("Identity", ["y"], ["t"]), helper.make_node("Neg", ["t"], ["u"])],
+                             "then", [], [helper.make_tensor_value_info("u", TensorProto.FLOAT, None)])
+    m.graph.initializer.append(numpy_helper.from_array(np.array(True), "c"))
+    m.graph.node.append(helper.make_node("If", ["c"], ["r"], then_branch=then, else_branch=then))
+    rename_values(m.graph, {"y": "z", "z": "y", "t": "q"})
+    assert list(m.graph.node[0].output) == ["z"] and list(m.graph.node[1].input) == ["z", "b"]
+    assert list(m.graph.node[1].output) == ["y"] and m.graph.output[0].name == "y"
+    sub = m.graph.node[-1].attribute[0].g
+    assert list(sub.node[0].input) == ["z"]  # the outer y, renamed
+    assert list(sub.node[0].output) == ["t"] and list(sub.node[1].input) == ["t"]  # the subgraph's own t: untouched
