@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_decoder import TinyDecoders, build_tiny_model  # noqa: F401  (build_tiny_model: `from conftest import` still works)
+from tiny_decoder import TinyDecoders, build_tiny_model  # noqa: F401  (build_tiny_model: `from conftest import`)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "graphkit" / "examples" / "epicrisis-tiny"

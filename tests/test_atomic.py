@@ -24,10 +24,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model
 from graphkit.cli import app
 from graphkit.errors import GraphkitError
 from graphkit.modelio import load_model, save_model
+from tiny_decoder import build_tiny_model
 
 ENV = dict(os.environ, COLUMNS="400", NO_COLOR="1", TERM="dumb", PYTHONDONTWRITEBYTECODE="1",
            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")

@@ -392,13 +392,9 @@ def test_bench_rejects_non_decoder(tmp_path):
 # --------------------------------------------------------------------------------- a real export
 
 @pytest.fixture(scope="module")
-def qwen2_export(tmp_path_factory) -> Path:
-    from conftest import build_tiny_model
-    from graphkit.export import export_model
-    folder = build_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
-    out = folder / "onnx" / "model.onnx"
-    export_model(folder, out, exporter="torchscript")
-    return out
+def qwen2_export(tiny_decoder) -> Path:
+    """The shared tiny Qwen2 export (tests/tiny_decoder.py), in its model folder's onnx/."""
+    return tiny_decoder("qwen2", "torchscript").path
 
 
 def test_real_export_inspect_and_self_diff(qwen2_export):

@@ -32,8 +32,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import build_tiny_model
 from graphkit.modelio import load_model, save_model
+from tiny_decoder import build_tiny_model
 
 ONNX_TIMEOUT = 60
 EXPORT_TIMEOUT = 240
