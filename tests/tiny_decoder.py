@@ -12,7 +12,8 @@
 - ``make_model`` / ``vi``: the smallest hand-built graphs the pass unit tests start from (one builder, with
   options for opset, extra domains, IR version and the checker).
 
-Shared model-free test helpers (running a graph in onnxruntime, op counts) live in ``tests/passkit.py``.
+Shared model-free test helpers (running a graph in onnxruntime, op counts, the attention block) live in
+``tests/graph_helpers.py``.
 """
 from __future__ import annotations
 
