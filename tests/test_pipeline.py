@@ -14,14 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit.errors import GraphkitError
 from graphkit.modelio import load_model, save_model
 from graphkit.pipeline import parse_spec, run_passes
-from tiny_decoder import make_model, vi
-
-
-def matmul_model(k=64, n=48, seed=0) -> onnx.ModelProto:
-    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
-    return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                      [vi("x", TensorProto.FLOAT, ["batch_size", k])], [vi("y", TensorProto.FLOAT, ["batch_size", n])],
-                      {"w": w}, opset=17)
+from tiny_decoder import matmul_model
 
 
 def test_parse_spec_order_and_options():

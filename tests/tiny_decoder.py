@@ -10,7 +10,8 @@
   Each ``TinyDecoder`` gives a fresh ``ModelProto`` per ``model()`` call (tests may edit it), the file in the
   Transformers.js layout (``<folder>/onnx/model.onnx``) and the Hugging Face folder it came from.
 - ``make_model`` / ``vi``: the smallest hand-built graphs the pass unit tests start from (one builder, with
-  options for opset, extra domains, IR version and the checker).
+  options for opset, extra domains, IR version and the checker); ``matmul_model``: y = x @ w (+ b), the smallest
+  graph a quantization pass (and the pipeline, apply and the file-safety tests) runs on.
 
 Shared model-free test helpers (running a graph in onnxruntime, op counts, the attention block) live in
 ``tests/graph_helpers.py``.
@@ -147,3 +148,18 @@ def make_model(nodes: Iterable[onnx.NodeProto], inputs, outputs, inits=None, *, 
     if check:
         onnx.checker.check_model(m)
     return m
+
+
+def matmul_model(k: int = 64, n: int = 48, seed: int = 0, *, weight: np.ndarray | None = None,
+                 bias: bool = False) -> onnx.ModelProto:
+    """y = x @ w (+ b), x: [batch_size, k], opset 17. ``w`` ~ N(0, 1) from ``seed`` unless ``weight`` is given (its
+    shape then sets k, n); ``bias``: b ~ N(0, 1) from ``seed + 1`` added after the MatMul (node names mm, add)."""
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) if weight is None else weight
+    k, n = w.shape
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm" if bias else "y"], name="mm")]
+    inits = {"w": w}
+    if bias:
+        inits["b"] = np.random.default_rng(seed + 1).standard_normal(n).astype(np.float32)
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["y"], name="add"))
+    return make_model(nodes, [vi("x", onnx.TensorProto.FLOAT, ["batch_size", k])],
+                      [vi("y", onnx.TensorProto.FLOAT, ["batch_size", n])], inits, opset=17)
