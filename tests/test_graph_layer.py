@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from passes._graph import (Graph, fresh_name, infer_shapes, is_overridable, overridable, remove_unused, taken_names,
                            toposort, weight_free_copy)
+from tiny_decoder import make_model, vi
 
 
 def _model(ir_version: int = 8, weight_is_input: bool = False) -> onnx.ModelProto:
@@ -18,15 +19,11 @@ def _model(ir_version: int = 8, weight_is_input: bool = False) -> onnx.ModelProt
              helper.make_node("Add", ["y", "b"], ["z"], name="add"),
              helper.make_node("Identity", ["W"], ["w2"], name="id"),
              helper.make_node("MatMul", ["x", "w2"], ["y2"], name="mm2")]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])]
+    inputs = [vi("x", TensorProto.FLOAT, [2, 4])]
     if weight_is_input:
-        inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3]))
-    g = helper.make_graph(nodes, "g", inputs,
-                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3]),
-                           helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 3])], [W, b])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = ir_version
-    return m
+        inputs.append(vi("W", TensorProto.FLOAT, [4, 3]))
+    return make_model(nodes, inputs, [vi("z", TensorProto.FLOAT, [2, 3]), vi("y2", TensorProto.FLOAT, [2, 3])],
+                      [W, b], opset=17, ir_version=ir_version)
 
 
 def test_producer_uses_and_typed_producer():
