@@ -36,11 +36,16 @@ class Stats:
         self.tokens = meta["tokens"]
         self._cache: dict[str, np.ndarray] = {}
 
-    def _get(self, weight: str, activation: str | None = None) -> np.ndarray | None:
+    def activation(self, weight: str, activation: str | None = None) -> str | None:
+        """The activation whose statistics ``weight`` uses (MatMuls reading the same input share them)."""
         act = self.map.get(weight)
         if act is None or act not in self._z.files:
             act = activation  # a weight made by an earlier pass (pack-matmul): the activation it reads
-        if act is None or act not in self._z.files:
+        return act if act is not None and act in self._z.files else None
+
+    def _get(self, weight: str, activation: str | None = None) -> np.ndarray | None:
+        act = self.activation(weight, activation)
+        if act is None:
             return None
         if act not in self._cache:
             self._cache = {act: self._z[act]}  # keep one: q/k/v (gate/up) read the same activation in a row

@@ -305,6 +305,7 @@ class MatMulNBitsPass(GraphPass):
             from passes._calib_stats import Stats
             stats = Stats(o.calibration)
         methods: dict[str, str] = {}
+        factors: dict = {}  # activation -> passes._gptq.Factor
         for job in jobs:
             key = (job.weight.root, job.weight.transpose is not None, job.bits)
             if key in packed:
@@ -315,9 +316,16 @@ class MatMulNBitsPass(GraphPass):
             if stats is not None and o.method == "gptq":
                 H = stats.hessian(w.root, job.node.input[0])
                 if H is not None and H.shape == (arr.shape[0],) * 2:
-                    from passes._gptq import gptq_quantize
+                    from passes._gptq import gptq_factor, gptq_quantize
                     check_finite(arr, w.root)
-                    q, scales, zp = gptq_quantize(arr, H, job.bits, o.block_size, o.symmetric, dtype=arr.dtype)
+                    # q/k/v (gate/up) read one input: its factorisation is computed once, the last few kept
+                    act = stats.activation(w.root, job.node.input[0])
+                    if act not in factors:
+                        if len(factors) >= 4:
+                            del factors[next(iter(factors))]
+                        factors[act] = gptq_factor(H)
+                    q, scales, zp = gptq_quantize(arr, None, job.bits, o.block_size, o.symmetric, dtype=arr.dtype,
+                                                  factor=factors[act])
                     methods[w.root] = "gptq"
             if q is None:
                 imp = stats.importance(w.root, job.node.input[0]) if stats is not None else None

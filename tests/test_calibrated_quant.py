@@ -50,6 +50,28 @@ def test_gptq_lowers_layer_output_error(symmetric, bs):
     assert _out_err(Xh, W, *g, bs) <= 0.8 * _out_err(Xh, W, *rtn, bs)
 
 
+def test_gptq_factor_is_the_cholesky_factor_of_the_inverse():
+    """inverse_factor (Cholesky of H in reversed order + blocked triangular inverse) gives the upper factor U of
+    the dampened H^-1: U^T U H = I, U upper with a positive diagonal, a dead input (all-zero channel) set to 1;
+    and sharing the factor (q/k/v, gate/up) gives the same bytes as computing it per weight."""
+    from passes._gptq import DAMP, gptq_factor, inverse_factor
+    K = 300  # above the blocked inverse's leaf size: the recursion runs
+    X = _correlated_inputs(K, 1024, 5)
+    X[:, 7] = 0.0
+    H = X.T.astype(np.float64) @ X / len(X)
+    U, dead = inverse_factor(H)
+    Hd = H.copy()
+    Hd[7, 7] = 1.0
+    Hd[np.diag_indices(K)] += DAMP * np.mean(np.diag(Hd))
+    assert dead.sum() == 1 and dead[7]
+    assert np.array_equal(U, np.triu(U)) and (np.diag(U) > 0).all()
+    assert np.abs(U.T @ U @ Hd - np.eye(K)).max() < 1e-8
+    W = (np.random.default_rng(4).normal(size=(K, 40)) * 0.05).astype(np.float32)
+    a = gptq_quantize(W, H, 4, 32, False)
+    b = gptq_quantize(W, None, 4, 32, False, factor=gptq_factor(H))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("symmetric,bs", [(True, 32), (False, 128)])
 def test_search_never_worse_than_rtn_in_its_weighted_error(symmetric, bs):
     """Tolerance of method=search: per tensor, sum imp_k (dequant - w)^2 <= round-to-nearest's (RTN's own
@@ -86,7 +108,7 @@ def test_calibration_statistics(exported_example, tmp_path):
     from graphkit.calibration import Stats, collect_stats
     from passes.matmul_nbits import MatMulNBitsPass
     seqs = [list(range(100, 140)), list(range(300, 317))]
-    meta = collect_stats(exported_example, seqs, tmp_path / "s.npz")
+    meta = collect_stats(exported_example, seqs, tmp_path / "s.npz", segment_bytes=1)
     assert meta["tokens"] == 57 and meta["sequences"] == 2
     st = Stats(tmp_path / "s.npz")
     jobs = MatMulNBitsPass(lm_head="8")._plan(onnx.load(str(exported_example)))[0]
@@ -98,6 +120,16 @@ def test_calibration_statistics(exported_example, tmp_path):
         assert np.allclose(np.diag(H), st.importance(j.weight.root))
     with pytest.raises(GraphkitError, match="not found"):
         Stats(tmp_path / "missing.npz")
+    # layer by layer = the whole graph at once: one segment per weight-reading node vs a single segment
+    from graphkit.calibration import _matmul_inputs, plan_segments
+    model = onnx.load(str(exported_example), load_external_data=False)
+    acts = sorted(set(_matmul_inputs(model).values()))
+    assert len(plan_segments(model.graph, acts, 1)) > 2 * len(acts) // 3 and len(plan_segments(model.graph, acts, 1 << 40)) == 1
+    collect_stats(exported_example, seqs, tmp_path / "one.npz", segment_bytes=1 << 40)
+    many, one = np.load(tmp_path / "s.npz"), np.load(tmp_path / "one.npz")
+    assert sorted(many.files) == sorted(one.files)
+    for k in many.files:
+        assert np.allclose(many[k], one[k], rtol=1e-5, atol=1e-7 * float(np.abs(one[k]).max())), k
 
 
 def _score(path: Path, runs) -> float:
