@@ -172,9 +172,9 @@ def test_default_4bit_on_the_held_out_validation_set(converted, tmp_path):
     """Issue 17's goals on the example's validation.jsonl (24 cases never used for calibration or tuning), as
     `graphkit verify --data` measures them against the fp32 file: the default q4 and q4f16 keep every fact fp32's
     answers take from the prompts, answer like fp32 on most cases, and their KL over the reference answers is
-    below a pinned bar, <= 0.3x plain round-to-nearest's (`--calibration none`, measured ~0.05x) and <= 0.5x the
-    best of onnxruntime's RTN and k_quant (block 32, float table: 1.5x our size) measured here (measured 0.2x).
-    Swapping the method back to RTN (no statistics: no budget either) fails every KL bar."""
+    below a pinned bar and <= 0.5x the best of onnxruntime's RTN and k_quant (block 32, float table: 1.5x our
+    size) measured here (measured 0.2x). Swapping the method back to RTN (`--calibration none`: no statistics, so
+    no budget either; measured KL q4 1.5e-3, q4f16 2.2e-3) fails every KL bar."""
     from graphkit.dataset import eos_token_ids, load_tokenizer, model_context, verification_examples
     from graphkit.verify import OnnxReference
     from graphkit.verify_data import DEFAULT_EXTRA_TOKENS, check_variant_on_data, reference_data_runs
@@ -188,13 +188,12 @@ def test_default_4bit_on_the_held_out_validation_set(converted, tmp_path):
     ort_best = min(check(_ort_4bit(fp32, tmp_path / f"ort_{a}.onnx", a)).kl_mean for a in ("rtn", "k_quant"))
     for dtype, fname in (("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx")):
         ours = check(out / "onnx" / fname)
-        rtn = check(_plain_rtn(dtype, fp32, tmp_path / fname))
         bar = HELD_OUT_BARS[dtype]
-        got = {"kl": ours.kl_mean, "rtn kl": rtn.kl_mean, "ort best kl": ort_best, "answers": ours.answers_equal,
+        got = {"kl": ours.kl_mean, "ort best kl": ort_best, "answers": ours.answers_equal,
                "facts": (ours.facts_kept, ours.facts_total), "lost": ours.lost_facts}
         assert ours.facts_total > 0 and ours.facts_kept == ours.facts_total, (dtype, got)
         assert ours.answers_equal >= bar["answers"], (dtype, got)
-        assert ours.kl_mean <= bar["kl"] and ours.kl_mean <= 0.3 * rtn.kl_mean, (dtype, got)
+        assert ours.kl_mean <= bar["kl"], (dtype, got)
         assert ours.kl_mean <= 0.5 * ort_best, (dtype, got)
 
 
