@@ -74,7 +74,7 @@ DATA_CALIBRATION_SAMPLES = 64       # --calibration data.jsonl: the first N samp
 # shipped example (RESULTS.md `quantization-methods`, docs/quantization.md): held-out KL 0.2x onnxruntime's best
 # 4-bit, every fact fp32 keeps kept, greedy = fp32 on 3-4 of the 4 default prompts; 1.3x misses the greedy and q4f16
 # KL goals. Its cost: the files stay below onnxruntime's (example 1.0-1.1 vs 1.6 MB); at the Qwen2.5-1.5B shape about
-# +0.45 GB (q4 ~1.44 GB, q4f16 ~1.34 GB, vs 0.96 / 0.89 GB all 4-bit and the anchor's 1.90 / 1.34 GB).
+# +0.45 GB (q4 ~1.41 GB, q4f16 ~1.34 GB, vs 0.94 / 0.89 GB all 4-bit and the anchor's 1.90 / 1.34 GB).
 DEFAULT_SIZE_BUDGET = 1.5
 # `--target transformers.js@3`: the dtypes whose default form a Transformers.js 3.x runtime refuses or runs wrongly
 # (graphkit/runtimes.py; docs/runtimes.md has the measurements), in forms 3.x and 4.x both run. q4: the shared table
