@@ -136,7 +136,7 @@ def convert(
     pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
     calibration: str = typer.Option("self", "--calibration", help="Calibration for the 4-bit dtypes (GPTQ, docs/quantization.md): a JSONL file (the fine-tuning data: {\"messages\": [...]}, {\"text\": ...} or {\"prompt\", \"completion\"} per line); \"self\" (default): sequences the fp32 model samples itself; \"none\": plain round-to-nearest."),
     calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples", min=1, help="How many calibration samples to use (default: 64 from a file, 32 self-generated)."),
-    size_budget: str = typer.Option("1.0x", "--size-budget", help="Mixed precision for q4/q4f16: keep the MatMuls whose 4-bit error is largest (on the calibration statistics) at 8 bits (int8 MatMulInteger) until the file is this factor of its all-4-bit size, e.g. 1.15x (docs/quantization.md). Default 1.0x: all 4-bit."),
+    size_budget: str = typer.Option("auto", "--size-budget", help="Mixed precision for q4/q4f16: q4f16's 4-bit tied table at 8 bits first, then the MatMuls whose 4-bit error is largest (on the calibration statistics) at 8 bits (int8 MatMulInteger), until the file is this factor of its all-4-bit size, e.g. 1.5x (docs/quantization.md). auto (default): 1.5x for the calibrated, unfused Transformers.js 4.x folder; 1.0x (all 4-bit) with --fuse, --calibration none or --target transformers.js@3."),
     target: str = typer.Option("transformers.js@4", "--target", help="Runtimes the folder is made for: transformers.js@4 (default: the fastest forms, 4.x only) or transformers.js@3 (every file also loads and runs right in Transformers.js 3.x: q4 with an int8 MatMulInteger head, q4f16 at accuracy_level 0, no --fuse). Recorded in config.json (\"graphkit\"); docs/runtimes.md."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -153,7 +153,7 @@ def convert(
         dtype_list = parse_dtypes(dtypes)
         overrides = parse_pipeline_overrides(pipeline or [])
         from graphkit.mixed import parse_budget
-        budget = parse_budget(size_budget)
+        budget = None if size_budget.strip().lower() == "auto" else parse_budget(size_budget)
         target_key = parse_target(target)
         with err.status("converting") as status:
             def progress(msg: str) -> None:

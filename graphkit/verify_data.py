@@ -140,6 +140,27 @@ def check_variant_on_data(dtype: str, path: Path, runs: list[_Run], tok, eos: se
     return rep
 
 
+def reference_data_runs(reference, examples: list[Example], tok, eos: set[int], extra: int, context: int | None
+                        ) -> tuple[list[_Run], int, int]:
+    """The reference's greedy answer, teacher-forced logits and facts taken, per example (what
+    :func:`check_variant_on_data` compares a variant with); also the facts the file's answers take from the prompts
+    and how many of those the reference keeps. Used by verify --data and benchmarks/quantization.py."""
+    runs, expected, ref_kept = [], 0, 0
+    for ex in examples:
+        max_new = len(ex.answer_ids) + extra
+        if context:
+            max_new = max(1, min(max_new, context - len(ex.prompt_ids)))
+        answer = _reference_greedy(reference, ex.prompt_ids, max_new, eos)
+        text = _decode(tok, answer)
+        prompt_facts = extract_facts(ex.prompt_text)
+        taken = prompt_facts & extract_facts(text)
+        wanted = prompt_facts & extract_facts(ex.answer_text)  # what the file's own answer takes
+        expected += len(wanted)
+        ref_kept += len(wanted & taken)
+        runs.append(_Run(ex, max_new, reference.logits(ex.prompt_ids, ex.answer_ids), answer, text, taken))
+    return runs, expected, ref_kept
+
+
 def verify_data(folder: Path, data: Path, reference_dir: Path | None = None, adapter_dir: Path | None = None,
                 dtypes: list[str] | None = None, samples: int | None = None, extra_tokens: int | None = None,
                 facts_threshold: float = DEFAULT_FACTS_THRESHOLD, progress=None) -> dict:
@@ -167,19 +188,7 @@ def verify_data(folder: Path, data: Path, reference_dir: Path | None = None, ada
             raise GraphkitError(f"{folder}: no onnx/model.onnx to use as reference; pass --reference MODEL_DIR")
         reference = OnnxReference(fp32)
     step(f"reference answers for {len(examples)} examples of {data.name} ({reference.name})")
-    runs, expected, ref_kept = [], 0, 0
-    for ex in examples:
-        max_new = len(ex.answer_ids) + extra
-        if context:
-            max_new = max(1, min(max_new, context - len(ex.prompt_ids)))
-        answer = _reference_greedy(reference, ex.prompt_ids, max_new, eos)
-        text = _decode(tok, answer)
-        prompt_facts = extract_facts(ex.prompt_text)
-        taken = prompt_facts & extract_facts(text)
-        wanted = prompt_facts & extract_facts(ex.answer_text)  # what the file's own answer takes
-        expected += len(wanted)
-        ref_kept += len(wanted & taken)
-        runs.append(_Run(ex, max_new, reference.logits(ex.prompt_ids, ex.answer_ids), answer, text, taken))
+    runs, expected, ref_kept = reference_data_runs(reference, examples, tok, eos, extra, context)
     reports = []
     for dtype, path in variants:
         step(f"checking {path.name}")

@@ -132,30 +132,138 @@ def test_calibration_statistics(exported_example, tmp_path):
         assert np.allclose(many[k], one[k], rtol=1e-5, atol=1e-7 * float(np.abs(one[k]).max())), k
 
 
-def _score(path: Path, runs) -> float:
-    from graphkit.verify import check_variant
-    return check_variant("q4", path, runs).kl_mean
+def _rtn_twin(summary: dict, dtype: str, fp32: Path, out: Path) -> Path:
+    """The converted file's own pipeline (as convert recorded it: same 8-bit MatMuls, same table) with GPTQ swapped
+    back to round-to-nearest: what the default would be without calibration at the same size."""
+    from graphkit.convert import CALIBRATION_SLOT
+    from graphkit.modelio import load_model, save_model
+    from graphkit.pipeline import parse_spec, run_passes
+    spec = next(d["pipeline"] for d in summary["dtypes"] if d["dtype"] == dtype)
+    rtn = spec.replace(f",method=gptq,calibration={CALIBRATION_SLOT}", "")
+    assert "gptq" not in rtn and rtn != spec, spec
+    m, _ = run_passes(load_model(fp32), parse_spec(rtn))
+    save_model(m, out)
+    return out
+
+
+def _plain_rtn(dtype: str, fp32: Path, out: Path) -> Path:
+    """The dtype's pipeline with round-to-nearest and no budget: what `convert --calibration none` writes."""
+    from graphkit.convert import PIPELINES, without_calibration
+    from graphkit.modelio import load_model, save_model
+    from graphkit.pipeline import parse_spec, run_passes
+    m, _ = run_passes(load_model(fp32), parse_spec(without_calibration(PIPELINES[dtype])))
+    save_model(m, out)
+    return out
 
 
 @pytest.mark.slow
 def test_default_4bit_beats_round_to_nearest(converted, golden, tmp_path):
-    """The shipped example, default pipelines (GPTQ on self-generated calibration): KL vs fp32 over the golden
-    and default prompts (32 greedy fp32 tokens each, none used for calibration) <= 0.8x the same pipeline with
-    round-to-nearest, and below an absolute bar with margin. Measured (2026-12-03): q4 ~0.6x of RTN,
-    q4f16 ~0.7x. Swapping the default back to RTN makes the ratio 1.0 and fails this test (checked)."""
-    from graphkit.convert import PIPELINES, without_calibration
-    from graphkit.modelio import load_model, save_model
-    from graphkit.pipeline import parse_spec, run_passes
+    """The shipped example, default pipelines (GPTQ on self-generated calibration, default --size-budget 1.5x): KL vs
+    fp32 over the golden and default prompts (32 greedy fp32 tokens each, none used for calibration) <= 0.5x plain
+    round-to-nearest's (`--calibration none`; measured q4 ~0.05x, q4f16 ~0.2x), and for q4 <= 0.7x the same file
+    with its 4-bit weights rounded to nearest (same 8-bit weights, graphkit/mixed.py; measured 0.41x). Swapping
+    the default back to RTN fails this test."""
     from graphkit.prompts import DEFAULT_PROMPTS, encode_prompts
-    from graphkit.verify import OnnxReference, reference_runs
-    out, _ = converted
+    from graphkit.verify import OnnxReference, check_variant, reference_runs
+    out, summary = converted
     fp32 = out / "onnx" / "model.onnx"
     prompts = [p["prompt_ids"] for p in golden["prompts"]] + encode_prompts(out, DEFAULT_PROMPTS)
     runs = reference_runs(OnnxReference(fp32), prompts, 32)
+    kl = lambda path: check_variant("q4", path, runs).kl_mean  # noqa: E731
     figures = {}
     for dtype, fname in (("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx")):
-        m, _ = run_passes(load_model(fp32), parse_spec(without_calibration(PIPELINES[dtype])))
-        save_model(m, tmp_path / fname)
-        figures[dtype] = (_score(out / "onnx" / fname, runs), _score(tmp_path / fname, runs))
-    for dtype, (ours, rtn) in figures.items():
-        assert ours <= 0.8 * rtn, figures
+        figures[dtype] = {"ours": kl(out / "onnx" / fname), "rtn": kl(_plain_rtn(dtype, fp32, tmp_path / fname))}
+    figures["q4"]["rtn twin"] = kl(_rtn_twin(summary, "q4", fp32, tmp_path / "twin_q4.onnx"))
+    for dtype, f in figures.items():
+        assert f["ours"] <= 0.5 * f["rtn"], figures
+    assert figures["q4"]["ours"] <= 0.7 * figures["q4"]["rtn twin"], figures
+
+
+HELD_OUT = ROOT / "graphkit" / "examples" / "epicrisis-tiny" / "data" / "validation.jsonl"
+# Pinned with margin from benchmarks/RESULTS.md `quantization-methods` (the "convert's default" rows, 1.5x):
+# facts kept must be all of fp32's; answers equal to fp32's on at least this many of the 24 (measured q4 22,
+# q4f16 23); KL over the held-out answers at most this (measured q4 7.9e-5, q4f16 9.2e-5).
+HELD_OUT_BARS = {"q4": {"answers": 19, "kl": 2.0e-4}, "q4f16": {"answers": 19, "kl": 2.5e-4}}
+
+
+def _ort_4bit(src: Path, out: Path, algo: str) -> Path:
+    """onnxruntime's MatMulNBitsQuantizer, block 32, float table (benchmarks/quantization.py's contenders)."""
+    import logging
+    from onnxruntime.quantization.matmul_nbits_quantizer import (KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer,
+                                                                 RTNWeightOnlyQuantConfig)
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    cfg = {"rtn": RTNWeightOnlyQuantConfig(), "k_quant": KQuantWeightOnlyQuantConfig()}[algo]
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, algo_config=cfg)
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    return out
+
+
+@pytest.mark.slow
+def test_default_4bit_on_the_held_out_validation_set(converted, tmp_path):
+    """Issue 17's goals on the example's validation.jsonl (24 cases never used for calibration or tuning), as
+    `graphkit verify --data` measures them against the fp32 file: the default q4 and q4f16 keep every fact fp32's
+    answers take from the prompts, answer like fp32 on most cases, and their KL over the reference answers is
+    below a pinned bar and <= 0.5x the best of onnxruntime's RTN and k_quant (block 32, float table: 1.5x our
+    size) measured here (measured 0.2x). Swapping the method back to RTN (`--calibration none`: no statistics, so
+    no budget either; measured KL q4 1.5e-3, q4f16 2.2e-3) fails every KL bar."""
+    from graphkit.dataset import eos_token_ids, load_tokenizer, model_context, verification_examples
+    from graphkit.verify import OnnxReference
+    from graphkit.verify_data import DEFAULT_EXTRA_TOKENS, check_variant_on_data, reference_data_runs
+    out, _ = converted
+    fp32 = out / "onnx" / "model.onnx"
+    tok = load_tokenizer(out)
+    eos = eos_token_ids(out, tokenizer=tok)
+    examples = verification_examples(HELD_OUT, out, max_len=model_context(out), tokenizer=tok)
+    runs, _, _ = reference_data_runs(OnnxReference(fp32), examples, tok, eos, DEFAULT_EXTRA_TOKENS, model_context(out))
+    check = lambda path: check_variant_on_data("q4", path, runs, tok, eos)  # noqa: E731
+    ort_best = min(check(_ort_4bit(fp32, tmp_path / f"ort_{a}.onnx", a)).kl_mean for a in ("rtn", "k_quant"))
+    for dtype, fname in (("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx")):
+        ours = check(out / "onnx" / fname)
+        bar = HELD_OUT_BARS[dtype]
+        got = {"kl": ours.kl_mean, "ort best kl": ort_best, "answers": ours.answers_equal,
+               "facts": (ours.facts_kept, ours.facts_total), "lost": ours.lost_facts}
+        assert ours.facts_total > 0 and ours.facts_kept == ours.facts_total, (dtype, got)
+        assert ours.answers_equal >= bar["answers"], (dtype, got)
+        assert ours.kl_mean <= bar["kl"], (dtype, got)
+        assert ours.kl_mean <= 0.5 * ort_best, (dtype, got)
+
+
+@pytest.mark.slow
+def test_size_budget_takes_the_4bit_table_first(exported_example, tmp_path):
+    """graphkit/mixed.py: a 4-bit tied table (q4f16's) goes to 8 bits before any body MatMul once the allowance
+    covers it (it is what loses facts on the example, docs/quantization.md); below that the body is ranked as
+    before; for Transformers.js 3.x (no 8-bit MatMulNBits in onnxruntime 1.21) the table stays 4-bit."""
+    from graphkit import mixed
+    from graphkit.calibration import collect_stats
+    from graphkit.convert import PIPELINES, _mixed_spec, _table_bytes
+    stats = tmp_path / "s.npz"
+    collect_stats(exported_example, [list(range(100, 160)), list(range(300, 340))], stats)
+    t4 = _table_bytes(exported_example, 4, 16, False, 2)
+    t8 = _table_bytes(exported_example, 8, 32, True, 2)
+    assert t8 > t4 > 0
+    rows, info = mixed.plan(exported_example, stats, 1.3, 32, True, 2, t4, t8)
+    assert rows[0].node == mixed.TABLE and rows[0].kept and rows[0].extra_bytes == t8 - t4
+    assert info["spent_bytes"] <= info["allowance_bytes"] and any(r.kept for r in rows[1:])
+    rows, info = mixed.plan(exported_example, stats, 1.05, 32, True, 2, t4, t8)  # too small for the table
+    assert not rows[0].kept and t8 - t4 > info["allowance_bytes"]
+    spec = PIPELINES["q4f16"].replace("{calibration}", str(stats))
+    out, _ = _mixed_spec(spec, exported_example, stats, 1.3, lambda m: None)
+    assert out.startswith("tied-embedding(bits=8,block_size=32,accuracy_level=4),")
+    assert "matmul-nbits(bits=8,block_size=32,accuracy_level=4,include=" in out and "matmul-int8" not in out
+    out, _ = _mixed_spec(spec, exported_example, stats, 1.3, lambda m: None, table_8bit=False)
+    assert out.startswith("tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=4),")
+    assert "matmul-int8(include=" in out  # onnxruntime 1.21 has no 8-bit MatMulNBits: MatMulInteger
+
+
+@pytest.mark.slow
+def test_converted_records_a_stable_calibration(converted):
+    """The converted folder's record (convert --json) names the calibration slot, not the temporary statistics
+    file, and says what filled it: the source, the counts and a hash of the token ids."""
+    _, summary = converted
+    cal = summary["calibration"]
+    assert cal["source"] == "self-generated" and cal["sequences"] > 0 and cal["tokens"] > 0
+    assert len(cal["sequences_sha256"]) == 64 and "stats" not in cal
+    for d in summary["dtypes"]:
+        if d["dtype"] in ("q4", "q4f16"):
+            assert "calibration={calibration}" in d["pipeline"] and ".npz" not in d["pipeline"], d["pipeline"]

@@ -236,7 +236,7 @@ def test_lavapipe_route_fails_on_another_adapter(case, tmp_path, monkeypatch, cl
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, golden):
     """`graphkit convert --calibration data.jsonl --size-budget 1.3x`: GPTQ on the user's data and the most sensitive
-    MatMuls at int8 (MatMulInteger) inside the 4-bit files (docs/quantization.md)."""
+    MatMuls at 8 bits (8-bit MatMulNBits; q4f16's table too) inside the 4-bit files (docs/quantization.md)."""
     import subprocess
     import sys
     tmp = tmp_path_factory.mktemp("calibrated")
@@ -258,7 +258,8 @@ def test_calibrated_mixed_files_in_transformersjs(case, calibrated, dtype):
     _, prompts, eos = case
     entry = next(d for d in summary["dtypes"] if d["dtype"] == dtype)
     assert summary["calibration"]["source"].endswith("train.jsonl") and entry["mixed"]["kept"], entry
-    ops = {n.op_type for n in onnx.load(str(variant_path(folder, dtype)), load_external_data=False).graph.node}
-    assert {"MatMulNBits", "MatMulInteger"} <= ops
+    nodes = onnx.load(str(variant_path(folder, dtype)), load_external_data=False).graph.node
+    bits = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
+    assert bits == {4, 8}, bits
     result = run_client(folder, dtype, [p["messages"] for p in prompts], NEW_TOKENS, "node")
     _check(folder, prompts, eos, dtype, result)
