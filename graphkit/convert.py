@@ -238,15 +238,16 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "q4": 0.16, "q4f16": 0.145, "q8": 0.25, "w4": 0.16}
 
 
-def _check_free_space(model_dir: Path, output: Path, dtypes: list[str]) -> None:
+def _check_free_space(model_dir: Path, output: Path, dtypes: list[str], packed: bool = False) -> None:
     """Refuse to start what cannot finish: the export (which becomes model.onnx) and the other files must fit
-    beside the output (an old output being replaced stays until the new one is complete)."""
+    beside the output (an old output being replaced stays until the new one is complete). ``packed``: a pipeline
+    runs pack-matmul, whose concatenated float32 weights (about the whole model once) are staged there too."""
     from graphkit.stream_export import SafetensorsWeights
     try:
         fp32 = SafetensorsWeights(Path(model_dir)).fp32_nbytes()
     except (GraphkitError, OSError, ValueError):
         return  # not a safetensors folder: the export names the problem itself
-    need = int(fp32 * (1 + sum(SIZE_RATIO[d] for d in dtypes if d != "fp32")))
+    need = int(fp32 * (1 + sum(SIZE_RATIO[d] for d in dtypes if d != "fp32") + (1 if packed else 0)))
     free = shutil.disk_usage(output.parent).free
     if free < need:
         raise GraphkitError(f"{output.parent}: {free / 1e9:.1f} GB of disk free, but {', '.join(dtypes)} need at least "
@@ -321,7 +322,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     if source is not None and adapter_dir:
         raise GraphkitError(f"{model_dir}: an ONNX export cannot take --adapter (merge it before exporting, or convert "
                             "the Hugging Face folder with --adapter)")
-    _check_free_space(model_dir, output, dtypes)
+    _check_free_space(model_dir, output, dtypes,
+                      packed=any("pack-matmul" in FUSIONS[fusion_for(d, fuse, target, size_budget)] for d in dtypes))
     if size_budget > 1.0 and (fuse is True or calibration == "none"):
         raise GraphkitError("--size-budget needs calibration statistics and the unfused graph's MatMul names; "
                             "drop --fuse / --calibration none, or use --size-budget 1.0")
