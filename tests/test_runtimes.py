@@ -61,25 +61,36 @@ def _probe_kv_cache_dtype(converted, root):
     return d
 
 
+def _convert_plain(root):
+    """`convert --no-fuse --no-logits-to-keep`: the export's graph, each dtype's quantization alone (the previous
+    defaults), so each 3.x fact of q4 / q4f16 / fp16 is seen without num_logits_to_keep beside it."""
+    out = root / "epicrisis-plain"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--no-fuse", "--no-logits-to-keep", "--output",
+                          str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def case(converted, converted_tjs3, fused, golden, tmp_path_factory):
     """All folders and the Node runs: one process per Transformers.js version."""
     folder = converted[0]
     root = tmp_path_factory.mktemp("probes")
-    folders = {"default": folder, "fuse": fused, "tjs3": converted_tjs3,
-               "probe-f16logits": _probe_fp16_logits(folder, root),
-               "probe-nokv": _probe_kv_cache_dtype(folder, root)}
-    # KNOWN entry → (folder, dtype) with that form alone; the default files carry three of them themselves (the
-    # default fp32 has num_logits_to_keep and nothing else 3.x lacks)
-    probes = {"matmulnbits-bits": ("default", "q4"), "matmulnbits-f16-level4": ("default", "q4f16"),
+    plain = _convert_plain(root)
+    folders = {"default": folder, "fuse": fused, "tjs3": converted_tjs3, "plain": plain,
+               "probe-f16logits": _probe_fp16_logits(plain, root),
+               "probe-nokv": _probe_kv_cache_dtype(plain, root)}
+    # KNOWN entry → (folder, dtype) with that form alone: the plain q4 / q4f16 carry theirs, the default fp32 has
+    # num_logits_to_keep and nothing else 3.x lacks
+    probes = {"matmulnbits-bits": ("plain", "q4"), "matmulnbits-f16-level4": ("plain", "q4f16"),
               "gqa-inputs": ("fuse", "fp32"), "num-logits-to-keep": ("default", "fp32"),
               "fp16-logits": ("probe-f16logits", "fp16"), "kv-cache-dtype": ("probe-nokv", "fp16")}
     assert set(probes) == {p.code for p in runtimes.KNOWN if not p.condition}, "every KNOWN entry needs a probe here"
     extra = [(k, d) for k, d in probes.values() if k.startswith("probe-")]
     jobs = {  # 4.3.1 runs the default and --fuse folders in tests/test_tjs.py
-        "3.8.1": [(k, d) for k in ("tjs3", "default", "fuse") for d in DTYPES] + extra,
+        "3.8.1": [(k, d) for k in ("tjs3", "default", "fuse", "plain") for d in DTYPES] + extra,
         "4.3.1": [("tjs3", d) for d in DTYPES] + extra,
-        "4.3.2": [(k, d) for k in ("tjs3", "default", "fuse") for d in DTYPES],
+        "4.3.2": [(k, d) for k in ("tjs3", "default", "fuse") for d in DTYPES] + [("plain", "q4"), ("plain", "q4f16")],
     }
     messages = [p["messages"] for p in golden["prompts"]]
     runs = {}
@@ -139,6 +150,15 @@ def test_tjs3_refuses_the_default_files_as_known(case, dtype):
     assert [p["code"] for p in found] == ["num-logits-to-keep"], found
     run = case["runs"][("3.8.1", "default", dtype)]
     assert "Missing the following inputs: num_logits_to_keep" in run.get("error", ""), run.get("error")
+
+
+@pytest.mark.js
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "q8"])
+def test_tjs3_runs_the_plain_files_without_known_problems(case, dtype):
+    """`--no-fuse --no-logits-to-keep` (the previous defaults): the files that have no entry in runtimes.KNOWN run in
+    3.8.1 unchanged."""
+    assert not runtimes.check_file(variant_path(case["folders"]["plain"], dtype), None, dtype, ("transformers.js@3",))
+    _assert_equal_to_ort(case, "3.8.1", "plain", dtype)
 
 
 @pytest.mark.js
