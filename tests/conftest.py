@@ -9,32 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tiny_decoder import TinyDecoders, build_tiny_model  # noqa: F401  (build_tiny_model: `from conftest import`)
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "graphkit" / "examples" / "epicrisis-tiny"
 GOLDEN = ROOT / "golden"
 
 
-def build_tiny_model(folder: Path, model_type: str = "qwen2", seed: int = 0, **overrides) -> Path:
-    """A tiny random-weight model folder of the given architecture (config.json + safetensors)."""
-    import torch
-    import transformers
-    torch.manual_seed(seed)
-    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, initializer_range=0.2, max_position_embeddings=256, tie_word_embeddings=True)
-    if model_type == "qwen2":
-        cfg = transformers.Qwen2Config(rope_theta=1e6, **common)
-    elif model_type == "qwen3":
-        cfg = transformers.Qwen3Config(head_dim=32, rope_theta=1e6, **common)
-    elif model_type == "llama":
-        common["tie_word_embeddings"] = False
-        cfg = transformers.LlamaConfig(rope_theta=5e5, **common)
-    else:
-        raise ValueError(model_type)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.save_pretrained(folder)
-    return folder
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> TinyDecoders:
+    """``tiny_decoder(arch="qwen2", exporter="torchscript", perturb=True, **config)``: the tiny decoder exported
+    once per session per arguments and shared by every test file (tests/tiny_decoder.py)."""
+    return TinyDecoders(tmp_path_factory.mktemp("tiny-decoder"))
 
 
 @pytest.fixture(scope="session")

@@ -18,28 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model
 from graphkit.cli import app
 from graphkit.errors import GraphkitError
 from graphkit.modelio import load_model, save_model
+from tiny_decoder import build_tiny_model, matmul_model
 
 ENV = dict(os.environ, COLUMNS="400", NO_COLOR="1", TERM="dumb", PYTHONDONTWRITEBYTECODE="1",
            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
-
-
-def matmul_model(k: int = 64, n: int = 48, seed: int = 0) -> onnx.ModelProto:
-    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", n])],
-                          [numpy_helper.from_array(w, "w")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

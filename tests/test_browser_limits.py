@@ -49,7 +49,7 @@ def test_under_the_limits_no_warning(tmp_path):
 def test_convert_warns_at_write_time(tmp_path, monkeypatch, capsys):
     """The wiring: `convert` checks every file as it writes it, prints the warning and records it in --json's output.
     The tiny model's ~420 KiB of float32 weights break the limit scaled down to 200 KiB; its q4f16 file does not."""
-    from conftest import build_tiny_model
+    from tiny_decoder import build_tiny_model
     from graphkit.convert import convert, render
     monkeypatch.setattr(browser_limits, "WASM32_MEMORY_BYTES", 200 * 1024)
     model_dir = build_tiny_model(tmp_path / "tiny")

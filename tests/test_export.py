@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from graphkit.export import export_model
 from graphkit.hfmodel import load_causal_lm
 from graphkit.ortrun import DecoderRunner
+from tiny_decoder import build_tiny_model
 
 TOL = 1e-4
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit.errors import PreconditionError
 from graphkit.pipeline import parse_spec, run_passes, verify_graph
 from passes.fp16 import FP16_MAX, Fp16Pass, cast_round_trips, infer_elem_types
+from tiny_decoder import TINY, make_model, vi
 
 F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 
@@ -20,21 +21,6 @@ F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def make_model(nodes, inputs, outputs, inits=(), opset=18) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
-    ops = [helper.make_opsetid("", opset)]
-    if any(n.domain == "com.microsoft" for n in nodes):
-        ops.append(helper.make_opsetid("com.microsoft", 1))
-    m = helper.make_model(g, opset_imports=ops)
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
-
-
-def vi(name, et, shape):
-    return helper.make_tensor_value_info(name, et, shape)
-
-
 def init(name, arr):
     return numpy_helper.from_array(np.asarray(arr), name)
 
@@ -122,7 +108,7 @@ def rmsnorm_nodes(x, prefix, style="dynamo"):
 def test_rmsnorm_variance_is_fp32_and_survives_large_activations(style):
     nodes, inits, out = rmsnorm_nodes("x", "n_", style)
     nodes.append(helper.make_node("Relu", [out], ["y"], name="after"))  # something fp16 after the norm
-    m = make_model(nodes, [vi("x", F32, [2, 3, 8])], [vi("y", F32, [2, 3, 8])], inits)
+    m = make_model(nodes, [vi("x", F32, [2, 3, 8])], [vi("y", F32, [2, 3, 8])], inits, ir_version=8, check=True)
     fp, details = convert(m)
     # the whole variance computation runs in float32; the weight Mul and what follows in float16
     for op in ("Pow", "ReduceMean", "Sqrt"):
@@ -155,7 +141,7 @@ def test_rmsnorm_with_mul_square_and_div_by_sqrt():
              helper.make_node("Add", ["var", "eps"], ["vare"]),
              helper.make_node("Sqrt", ["vare"], ["std"]),
              helper.make_node("Div", ["x", "std"], ["y"])]
-    m = make_model(nodes, [vi("x", F32, [4, 16])], [vi("y", F32, [4, 16])], inits)
+    m = make_model(nodes, [vi("x", F32, [4, 16])], [vi("y", F32, [4, 16])], inits, ir_version=8, check=True)
     fp, details = convert(m, keep_io_types=True)
     assert details["norm_islands"] == 1
     (_, outs), = node_types(fp, "ReduceMean")
@@ -177,7 +163,7 @@ def _attention_graph(fill: float):
              helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
              helper.make_node("MatMul", ["probs", "v"], ["y"])]
     inputs = [vi("q", F32, [2, 4, 8]), vi("k", F32, [2, 5, 8]), vi("v", F32, [2, 5, 8]), vi("mask", I64, [2, 5])]
-    return make_model(nodes, inputs, [vi("y", F32, [2, 4, 8])], inits)
+    return make_model(nodes, inputs, [vi("y", F32, [2, 4, 8])], inits, ir_version=8, check=True)
 
 
 @pytest.mark.parametrize("fill", [float(np.finfo(np.float32).min), -1e9])
@@ -211,7 +197,7 @@ def test_mask_constant_in_fp16_arithmetic_is_clamped_not_inf():
              helper.make_node("Add", ["w", "w"], ["w2"]),                        # -131008: beyond fp16 in fp32
              helper.make_node("Add", ["x", "w2"], ["b"])]                        # meets fp16 activations
     m = make_model(nodes, [vi("x", F32, [4]), vi("m", TensorProto.BOOL, [4])], [vi("a", F32, [4]), vi("b", F32, [4])],
-                   inits)
+                   inits, ir_version=8, check=True)
     fp, details = convert(m)
     assert details["clips_inserted"] == 1
     out = run(fp, {"x": np.array([0, 1, 2, 3], np.float32), "m": np.array([True, False, True, False])})
@@ -227,7 +213,7 @@ def test_constant_of_shape_fill_is_clamped_and_clipped():
              helper.make_node("ConstantOfShape", ["shp"], ["fill"], value=big, name="fill"),
              helper.make_node("Add", ["fill", "fill"], ["fill2"]),
              helper.make_node("Add", ["x", "fill2"], ["y"])]
-    m = make_model(nodes, [vi("x", F32, [4])], [vi("y", F32, [4])])
+    m = make_model(nodes, [vi("x", F32, [4])], [vi("y", F32, [4])], ir_version=8, check=True)
     fp, details = convert(m)
     assert any("ConstantOfShape 'fill'" in c for c in details["clamped"]) and details["clips_inserted"] == 1
     y = run(fp, {"x": np.arange(4, dtype=np.float32)})["y"]
@@ -249,7 +235,7 @@ def test_rotary_cos_sin_inputs_stay_fp32():
              helper.make_node("Mul", ["x", "sin"], ["xs"]),
              helper.make_node("Add", ["xc", "xs"], ["y"])]
     m = make_model(nodes, [vi("x", F32, [1, 4, 16]), vi("position_ids", I64, [1, 4])], [vi("y", F32, [1, 4, 16])],
-                   inits)
+                   inits, ir_version=8, check=True)
     fp, details = convert(m)
     for op in ("Cos", "Sin"):
         (ins, outs), = node_types(fp, op)
@@ -269,7 +255,7 @@ def test_matmulnbits_scales_become_fp16():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((64, 32)).astype(np.float32)
     m = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
-                   [vi("x", F32, [2, 64])], [vi("y", F32, [2, 32])], [init("w", w)])
+                   [vi("x", F32, [2, 64])], [vi("y", F32, [2, 32])], [init("w", w)], ir_version=8, check=True)
     q = MatMulNBitsPass()(m).model
     fp, details = convert(q)
     mnb, = [n for n in fp.graph.node if n.op_type == "MatMulNBits"]
@@ -293,7 +279,7 @@ def test_constant_of_shape_range_and_constant_nodes():
              helper.make_node("Range", ["start", "limit", "delta"], ["r"]),
              helper.make_node("Add", ["x", "ones"], ["a"]),
              helper.make_node("Mul", ["a", "r"], ["y"])]
-    m = make_model(nodes, [vi("x", F32, [3, 4])], [vi("y", F32, [3, 4])])
+    m = make_model(nodes, [vi("x", F32, [3, 4])], [vi("y", F32, [3, 4])], ir_version=8, check=True)
     fp, details = convert(m)
     (ins, outs), = node_types(fp, "Range")
     assert ins == [F32, F32, F32] and outs == [F32]
@@ -320,7 +306,7 @@ def _decoder_like():
               vi("past_key_values.0.key", F32, ["batch_size", 1, "past_sequence_length", 8])]
     outputs = [vi("logits", F32, ["batch_size", "sequence_length", 50]),
                vi("present.0.key", F32, ["batch_size", 1, "total_sequence_length", 8])]
-    return make_model(nodes, inputs, outputs, inits)
+    return make_model(nodes, inputs, outputs, inits, ir_version=8, check=True)
 
 
 @pytest.mark.parametrize("opts,kv,logits", [({}, F16, F32), ({"keep_logits_fp32": False}, F16, F16),
@@ -345,7 +331,7 @@ def test_kv_io_fp16_and_logits_fp32(opts, kv, logits):
 
 def test_fp32_ops_option_keeps_an_op_fp32():
     m = make_model([helper.make_node("Add", ["x", "x"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
-                   [vi("x", F32, [4])], [vi("y", F32, [4])])
+                   [vi("x", F32, [4])], [vi("y", F32, [4])], ir_version=8, check=True)
     fp, details = convert(m, fp32_ops=["Add"], keep_io_types=True)
     (_, outs), = node_types(fp, "Add")
     assert outs == [F32]
@@ -359,13 +345,15 @@ def test_second_run_is_refused():
     with pytest.raises(PreconditionError, match="already contains float16"):
         Fp16Pass()(fp)
     # also a graph that is float16 from the start
-    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", F16, [2])], [vi("y", F16, [2])])
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", F16, [2])], [vi("y", F16, [2])],
+                   ir_version=8, check=True)
     with pytest.raises(PreconditionError, match="already contains float16"):
         Fp16Pass()(m)
 
 
 def test_integer_only_graph_is_not_applicable():
-    m = make_model([helper.make_node("Add", ["a", "a"], ["b"])], [vi("a", I64, [2])], [vi("b", I64, [2])])
+    m = make_model([helper.make_node("Add", ["a", "a"], ["b"])], [vi("a", I64, [2])], [vi("b", I64, [2])],
+                   ir_version=8, check=True)
     res = Fp16Pass()(m)
     assert not res.modified and "not applicable" in res.summary
 
@@ -378,38 +366,27 @@ def test_input_model_is_not_modified():
 
 
 # ------------------------------------------------------------------------------------------------
-# end to end: tiny random Qwen2 exported with both torch exporters
+# end to end: the tiny Qwen2 (tests/tiny_decoder.py) exported with both torch exporters
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_qwen2():
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=256, initializer_range=0.2,
-                                   max_position_embeddings=512, rope_theta=1e6, tie_word_embeddings=True)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
-
-
 def _decoder_feeds(batch, seq, past, rng, left_pad=0):
     mask = np.ones((batch, past + seq), np.int64)
     if left_pad:
         mask[-1, :left_pad] = 0
     pos = np.cumsum(mask, axis=1) - 1
     pos[mask == 0] = 1
-    feeds = {"input_ids": rng.integers(0, 1000, (batch, seq)), "attention_mask": mask,
+    feeds = {"input_ids": rng.integers(0, TINY["vocab_size"], (batch, seq)), "attention_mask": mask,
              "position_ids": pos[:, -seq:].astype(np.int64)}
-    for i in range(2):
+    kv, head_dim = TINY["num_key_value_heads"], TINY["hidden_size"] // TINY["num_attention_heads"]
+    for i in range(TINY["num_hidden_layers"]):
         for k in ("key", "value"):
-            feeds[f"past_key_values.{i}.{k}"] = rng.standard_normal((batch, 2, past, 32)).astype(np.float32)
+            feeds[f"past_key_values.{i}.{k}"] = rng.standard_normal((batch, kv, past, head_dim)).astype(np.float32)
     return feeds
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_tiny_qwen2_end_to_end(tiny_qwen2, exporter, tmp_path):
-    from graphkit.export import export_loaded
+def test_tiny_qwen2_end_to_end(tiny_decoder, exporter, tmp_path):
     from graphkit.ortrun import DecoderRunner, make_session
-    m = export_loaded(tiny_qwen2, exporter)
+    m = tiny_decoder("qwen2", exporter).model()
     fp, details = convert(m)
     d = details
     assert d["norm_islands"] == 2 * 2 + 1 and d["softmax_islands"] == 2
@@ -446,10 +423,9 @@ def test_tiny_qwen2_end_to_end(tiny_qwen2, exporter, tmp_path):
     assert ids16[:2] == ids32[:2]
 
 
-def test_pipeline_spec_with_q4f16(tiny_qwen2):
+def test_pipeline_spec_with_q4f16(tiny_decoder):
     """matmul-nbits then fp16 through the pipeline (checker + strict type inference after each pass)."""
-    from graphkit.export import export_loaded
-    m = export_loaded(tiny_qwen2, "torchscript")
+    m = tiny_decoder("qwen2", "torchscript").model()
     q4 = onnx.ModelProto()
     q4.CopyFrom(m)
     q4, _ = run_passes(q4, parse_spec("matmul-nbits"))

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphkit.errors import GraphkitError
 from graphkit.pipeline import parse_spec, run_passes
+from tiny_decoder import make_model, matmul_model, vi
 
 _ENV = os.environ.get("GRAPHKIT_FUZZ_EXAMPLES")
 FUZZ = settings(
@@ -182,11 +183,8 @@ def cases(draw, poison: bool = True) -> Case:
     if draw(st.integers(0, 3)) == 0:  # a twin MatMul on x sharing the first weight
         add_layer(n_layers, "x", K0, shared=weights[0], out_name="twin")
 
-    g = helper.make_graph(nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, sym + [K0])],
-                          outputs, inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, sym + [K0])], outputs, inits, opset=17, ir_version=8,
+                       name="fuzz", check=True)
 
     x_kind = draw(st.sampled_from(["normal", "normal", "small", "large", "zeros", "positive"]))
     x = rng.standard_normal(lead + [K0])
@@ -416,15 +414,6 @@ def test_q4f16_pipeline_within_tolerance_or_refuses(case, bits, block_size, symm
 
 # ------------------------------------------------------------------------------------------ known bugs
 
-def _one_matmul(W: np.ndarray) -> onnx.ModelProto:
-    K, N = W.shape
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", N])],
-                          [numpy_helper.from_array(W, "w")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
 @pytest.mark.parametrize("spec", ["fp16", "matmul-nbits(bits=4,block_size=16),fp16"])
 def test_fp16_weight_beyond_range_is_refused_not_clamped(spec):
     """A weight of 1e6 read by an input of 1e-4: the product (100) fits float16, the weight does not.
@@ -432,7 +421,7 @@ def test_fp16_weight_beyond_range_is_refused_not_clamped(spec):
     W = np.zeros((16, 2), np.float32)
     W[0, 0] = 1e6
     W[1:, 1] = 1.0
-    model = _one_matmul(W)
+    model = matmul_model(weight=W)
     x = np.zeros((1, 16), np.float32)
     x[0, 0] = np.float16(1e-4)
     ref = x.astype(np.float64) @ W

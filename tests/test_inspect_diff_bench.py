@@ -17,6 +17,7 @@ from graphkit.diff import diff_models
 from graphkit.errors import GraphkitError
 from graphkit.inspect import inspect_path
 from graphkit.modelio import save_model
+from tiny_decoder import make_model, vi
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, KVH, HD, VOCAB = 2, 2, 8, 64
@@ -85,10 +86,8 @@ def toy_decoder(past="past_key_values.{i}.{kv}", present="present.{i}.{kv}", bat
     head = emb.T.copy() if tied else (rng.standard_normal((H, VOCAB)) * 0.3).astype(np.float32)
     node("MatMul", [h, init("lm_head.weight", head)], ["logits"], "lm_head")
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, "sequence_length", VOCAB])] + kv_outs
-    graph = helper.make_graph(nodes, "toy", ins, outs, inits)
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if quant else [])
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="toy")
-    model.ir_version = 8
+    model = make_model(nodes, ins, outs, inits, opset=17, ir_version=8, name="toy")
+    model.producer_name = "toy"
     onnx.checker.check_model(model)
     return model
 
@@ -330,11 +329,9 @@ def test_diff_run_decoder(tmp_path, toy_path, toy_q4_path):
 
 def test_diff_run_generic(tmp_path):
     def graph(scale):
-        g = helper.make_graph([helper.make_node("Mul", ["x", "s"], ["y"], name="mul")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
-                              [numpy_helper.from_array(np.array(scale, np.float32), "s")])
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        return make_model([helper.make_node("Mul", ["x", "s"], ["y"], name="mul")],
+                          [vi("x", TensorProto.FLOAT, ["n", 3])], [vi("y", TensorProto.FLOAT, ["n", 3])],
+                          {"s": np.array(scale, np.float32)}, opset=17)
     a, b = save(graph(1.0), tmp_path / "a.onnx"), save(graph(1.5), tmp_path / "b.onnx")
     r = diff_models(a, b, run=True)
     assert r["initializers"]["changed"][0]["changes"] == ["values"]
@@ -381,10 +378,9 @@ def test_bench_unavailable_provider(toy_path):
 
 
 def test_bench_rejects_non_decoder(tmp_path):
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    path = save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "id.onnx")
+    m = make_model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [1])],
+                   [vi("y", TensorProto.FLOAT, [1])], opset=17)
+    path = save(m, tmp_path / "id.onnx")
     res = cli("bench", str(path), *BENCH)
     assert res.exit_code == 2 and "input_ids" in res.output
 
@@ -392,13 +388,9 @@ def test_bench_rejects_non_decoder(tmp_path):
 # --------------------------------------------------------------------------------- a real export
 
 @pytest.fixture(scope="module")
-def qwen2_export(tmp_path_factory) -> Path:
-    from conftest import build_tiny_model
-    from graphkit.export import export_model
-    folder = build_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
-    out = folder / "onnx" / "model.onnx"
-    export_model(folder, out, exporter="torchscript")
-    return out
+def qwen2_export(tiny_decoder) -> Path:
+    """The shared tiny Qwen2 export (tests/tiny_decoder.py), in its model folder's onnx/."""
+    return tiny_decoder("qwen2", "torchscript").path
 
 
 def test_real_export_inspect_and_self_diff(qwen2_export):

@@ -13,29 +13,26 @@ from graphkit.errors import GraphkitError
 from graphkit.ortrun import DecoderRunner
 from graphkit.pipeline import parse_spec, run_passes, verify_graph
 from passes.kv_rename import KvRenamePass
+from tiny_decoder import TINY, make_model, vi
 
-L, KV, D = 2, 2, 32
+# the tiny decoder's layers, KV heads and head dim (tests/tiny_decoder.py)
+L, KV = TINY["num_hidden_layers"], TINY["num_key_value_heads"]
+D = TINY["hidden_size"] // TINY["num_attention_heads"]
 
 
 # ------------------------------------------------------------------------------------------------
 # fixtures and helpers
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model():
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=128, num_hidden_layers=L, num_attention_heads=4,
-                                   num_key_value_heads=KV, intermediate_size=128, initializer_range=0.2,
-                                   max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
+def tiny_model(tiny_decoder):
+    """The tiny Qwen2 as a transformers model (what the exports below come from)."""
+    return tiny_decoder("qwen2", "torchscript").torch_model()
 
 
 @pytest.fixture(scope="module")
-def canonical(tiny_model) -> onnx.ModelProto:
-    """A Transformers.js-ready export (graphkit.export, legacy exporter: fast)."""
-    from graphkit.export import export_loaded
-    return export_loaded(tiny_model, "torchscript")
+def canonical(tiny_decoder) -> onnx.ModelProto:
+    """A Transformers.js-ready export (graphkit.export, legacy exporter: fast), the shared tiny decoder."""
+    return tiny_decoder("qwen2", "torchscript").model()
 
 
 def session(model: onnx.ModelProto):
@@ -138,12 +135,12 @@ def _hf_style_names():
 def test_transformers_exporter_style_mimic(canonical):
     names = _hf_style_names()
     dims = {"input_ids": ["s10", "s70"], "attention_mask": ["s43", "s53"], "position_ids": ["s10", "s70"],
-            "logits": ["s10", "s70", 300]}
+            "logits": ["s10", "s70", TINY["vocab_size"]]}
     for i, p in enumerate((84, 54, 94, 8)):
         layer, k = divmod(i, 2)
         kk = ("keys", "values")[k]
-        dims[f"input.cache.layers.{layer}.{kk}"] = ["s10", "2", f"s{p}", "32"]   # static dims written as strings
-        dims[f"output.cache.layers.{layer}.{kk}"] = ["s10", 2, f"s70 + s{p}", 32]
+        dims[f"input.cache.layers.{layer}.{kk}"] = ["s10", "2", f"s{p}", str(D)]   # static dims written as strings
+        dims[f"output.cache.layers.{layer}.{kk}"] = ["s10", 2, f"s70 + s{p}", D]
     foreign = rename_io(canonical, names, dims)
     res = KvRenamePass()(foreign)
     assert res.modified and res.details["layers"] == L
@@ -161,7 +158,8 @@ def test_transformers_exporter_real(tiny_model, tmp_path):
     cache = DynamicCache(config=tiny_model.config)
     for i in range(L):
         cache.update(torch.randn(2, KV, 3, D), torch.randn(2, KV, 3, D), i)
-    sample = {"input_ids": torch.randint(0, 300, (2, 4)), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+    sample = {"input_ids": torch.randint(0, TINY["vocab_size"], (2, 4)),
+              "attention_mask": torch.ones(2, 7, dtype=torch.long),
               "position_ids": torch.arange(3, 7).expand(2, 4), "cache": cache, "use_cache": True}
     try:
         exported = exporters.OnnxExporter().export(tiny_model, sample, config=exporters.OnnxConfig(dynamic=True))
@@ -283,11 +281,8 @@ def genai_like(k_from_input: bool = False) -> onnx.ModelProto:
                                                 ["batch_size", KV, "past_sequence_length", "kv_cache_dim"]))
             outs.append(h.make_tensor_value_info(f"present.{layer}.{k}", TP.FLOAT,
                                                  ["batch_size", KV, "total_sequence_length", "kv_cache_dim"]))
-    m = h.make_model(h.make_graph(nodes, "genai", ins, outs, inits),
-                     opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 10
-    onnx.checker.check_model(m)
-    return m
+    return make_model(nodes, ins, outs, inits, opset=21, domains={"com.microsoft": 1}, ir_version=10, name="genai",
+                      check=True)
 
 
 def test_genai_style_kv_cache_dim_becomes_static():
@@ -368,10 +363,8 @@ def test_past_feeding_two_outputs_is_ambiguous(canonical):
 
 
 def test_graph_without_kv_cache_is_not_applicable():
-    m = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 2])],
-        [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")]))
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                   [vi("x", TensorProto.FLOAT, ["batch_size", 4])], [vi("y", TensorProto.FLOAT, ["batch_size", 2])],
+                   {"w": np.ones((4, 2), np.float32)}, opset=onnx.defs.onnx_opset_version())
     res = KvRenamePass()(m)
     assert not res.modified and "no KV-cache inputs" in res.summary

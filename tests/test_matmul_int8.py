@@ -13,18 +13,17 @@ from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import coerce_option
 from passes.matmul_int8 import (MatMulInt8Pass, dynamic_quantize_linear, int8_error_bound, per_token_quantize,
                                 quantize_rows, quantize_weight)
+from tiny_decoder import make_model, vi
 
 
 def _model(weights: dict[str, np.ndarray], edges: list[tuple[str, str, str, str]], inputs: dict[str, int],
            outputs: list[str], extra_nodes=(), extra_inits=(), opset: int = 17) -> onnx.ModelProto:
     """edges: (node name, activation, weight name, output). Activations are [M, K] float inputs."""
     nodes = [helper.make_node("MatMul", [a, w], [o], name) for name, a, w, o in edges] + list(extra_nodes)
-    g = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["M", k]) for n, k in inputs.items()],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-        [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()] + list(extra_inits))
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    return make_model(nodes, [vi(n, TensorProto.FLOAT, ["M", k]) for n, k in inputs.items()],
+                      [vi(o, TensorProto.FLOAT, None) for o in outputs],
+                      [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()]
+                      + list(extra_inits), opset=opset)
 
 
 def _run(model: onnx.ModelProto, feeds: dict, opt_path=None) -> list[np.ndarray]:
@@ -163,11 +162,9 @@ def test_include_and_exclude_globs():
 
 
 def test_not_applicable_without_constant_weights():
-    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"], "act_x_act")], "g",
-                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
-                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = make_model([helper.make_node("MatMul", ["a", "b"], ["y"], "act_x_act")],
+                   [vi("a", TensorProto.FLOAT, [2, 3]), vi("b", TensorProto.FLOAT, [3, 4])],
+                   [vi("y", TensorProto.FLOAT, None)], opset=17)
     with pytest.raises(PassNotApplicable):
         MatMulInt8Pass().requires(m)
     res = MatMulInt8Pass()(m)
@@ -222,9 +219,9 @@ def _lm_graph(V=50, H=16, separate_copy=False):
     else:
         nodes += [helper.make_node("Transpose", ["table"], ["table_T"], "tr", perm=[1, 0]),
                   helper.make_node("MatMul", ["h", "table_T"], ["logits"], "node_linear_9")]
-    g = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), table, Wp
+    m = make_model(nodes, [vi("ids", TensorProto.INT64, ["B", "S"])], [vi("logits", TensorProto.FLOAT, None)], inits,
+                   opset=18, name="lm")
+    return m, table, Wp
 
 
 def test_lm_head_int8_by_default_and_kept_on_request():
@@ -291,13 +288,9 @@ def test_opset_too_old_is_refused():
 
 # ------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def tiny_qwen2_export(tmp_path_factory):
-    from conftest import build_tiny_model
-    from graphkit.export import export_model
-    folder = build_tiny_model(tmp_path_factory.mktemp("q8_qwen2"), "qwen2", initializer_range=0.05)
-    out = folder / "model.onnx"
-    export_model(folder, out, exporter="torchscript")
-    return out
+def tiny_qwen2_export(tiny_decoder):
+    """The tiny Qwen2 (tests/tiny_decoder.py) with the initializer's default weights and a smaller init range."""
+    return tiny_decoder("qwen2", "torchscript", perturb=False, initializer_range=0.05).path
 
 
 def _agreement(fp32_path, model: onnx.ModelProto, prompts, n_new=32):

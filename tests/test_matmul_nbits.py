@@ -12,21 +12,13 @@ from graphkit.passbase import coerce_option
 from graphkit.pipeline import verify_graph
 from passes._quant import dequantize_blockwise, quantize_blockwise, unpack_bits
 from passes.matmul_nbits import MatMulNBitsPass
+from tiny_decoder import make_model, vi
 
 RNG = np.random.default_rng(1234)
 F32 = TensorProto.FLOAT
 
 
 # ----------------------------------------------------------------------------- helpers
-def _model(nodes, inputs, outputs, inits, opset=17):
-    g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def _vi(name, shape, t=F32):
-    return helper.make_tensor_value_info(name, t, shape)
-
-
 def _single(K, N, bias=False, dtype=np.float32, rank=3, seed=0):
     """y = x @ W (+ b), x: [B, S, K]; W and b are initializers."""
     rng = np.random.default_rng(seed)
@@ -41,7 +33,7 @@ def _single(K, N, bias=False, dtype=np.float32, rank=3, seed=0):
         out = "z"
     xshape = ["B", "S", K] if rank == 3 else ["B", K]
     oshape = xshape[:-1] + [N]
-    return _model(nodes, [_vi("x", xshape, t)], [_vi(out, oshape, t)], inits), inits
+    return make_model(nodes, [vi("x", t, xshape)], [vi(out, t, oshape)], inits, opset=17), inits
 
 
 def _run(model, feeds):
@@ -276,7 +268,7 @@ def _two_layer(shared=True, names=("/model/layers.0/mlp/up_proj/MatMul", "/model
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name=names[0]),
              helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "W1" if shared else "W2"], ["y"], name=names[1])]
-    return _model(nodes, [_vi("x", ["B", K])], [_vi("y", ["B", K])], inits), inits
+    return make_model(nodes, [vi("x", F32, ["B", K])], [vi("y", F32, ["B", K])], inits, opset=17), inits
 
 
 def test_shared_weight_quantized_once():
@@ -295,7 +287,7 @@ def test_shared_weight_quantized_once():
 def test_weight_read_by_another_op_is_kept():
     model, _ = _two_layer(shared=False)
     model.graph.node.append(helper.make_node("Identity", ["W2"], ["w2_out"]))
-    model.graph.output.append(_vi("w2_out", [32, 32]))
+    model.graph.output.append(vi("w2_out", F32, [32, 32]))
     out = MatMulNBitsPass()(model).model
     names = {t.name for t in out.graph.initializer}
     assert "W2" in names and "W1" not in names
@@ -331,7 +323,8 @@ def test_constant_node_and_transposed_weights():
              helper.make_node("MatMul", ["x", "wc"], ["y1"], name="mm_const"),
              helper.make_node("Transpose", ["Bt"], ["bt_T"], perm=[1, 0]),
              helper.make_node("MatMul", ["x", "bt_T"], ["y2"], name="mm_transposed")]
-    model = _model(nodes, [_vi("x", ["B", K])], [_vi("y1", ["B", N]), _vi("y2", ["B", N])], {"Bt": Bt})
+    model = make_model(nodes, [vi("x", F32, ["B", K])], [vi("y1", F32, ["B", N]), vi("y2", F32, ["B", N])], {"Bt": Bt},
+                       opset=17)
     res = MatMulNBitsPass()(model)
     out = verify_graph(res.model)[0]
     assert [n.op_type for n in out.graph.node] == ["MatMulNBits", "MatMulNBits"]
@@ -346,7 +339,7 @@ def test_constant_node_and_transposed_weights():
 
 def test_bias_not_folded_when_matmul_output_has_other_readers():
     model, _ = _single(64, 8, bias=True)
-    model.graph.output.append(_vi("y", ["B", "S", 8]))
+    model.graph.output.append(vi("y", F32, ["B", "S", 8]))
     out = MatMulNBitsPass()(model)
     assert out.details["bias_folded"] == 0
     assert [n.op_type for n in out.model.graph.node] == ["MatMulNBits", "Add"]
@@ -359,7 +352,7 @@ def test_min_elements_and_non_constant_b_reported():
     model, _ = _two_layer(shared=False)
     model.graph.node.append(helper.make_node("MatMul", ["x", "x_T"], ["xx"], name="dyn"))
     model.graph.node.insert(0, helper.make_node("Transpose", ["x"], ["x_T"]))
-    model.graph.output.append(_vi("xx", ["B", "B"]))
+    model.graph.output.append(vi("xx", F32, ["B", "B"]))
     res = MatMulNBitsPass()(model)
     assert res.details["skipped"] == {"dyn": "B is not a constant weight"}
     res = MatMulNBitsPass(min_elements=32 * 32 + 1)(_two_layer()[0])
@@ -368,7 +361,7 @@ def test_min_elements_and_non_constant_b_reported():
 
 def test_not_applicable_without_eligible_matmul():
     nodes = [helper.make_node("MatMul", ["a", "b"], ["y"], name="dyn")]
-    model = _model(nodes, [_vi("a", [2, 3]), _vi("b", [3, 4])], [_vi("y", [2, 4])], {})
+    model = make_model(nodes, [vi("a", F32, [2, 3]), vi("b", F32, [3, 4])], [vi("y", F32, [2, 4])], {}, opset=17)
     p = MatMulNBitsPass()
     with pytest.raises(PassNotApplicable, match="no MatMul with a constant"):
         p.requires(model)
@@ -427,8 +420,8 @@ def _tied(form: str):
         inits["onnx::MatMul_99"] = np.ascontiguousarray(E.T)
         head_w = "onnx::MatMul_99"
     nodes.append(helper.make_node("MatMul", ["h", head_w], ["logits"], name="/lm_head/MatMul"))
-    model = _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
-                   [_vi("logits", ["B", "S", V])], inits)
+    model = make_model(nodes, [vi("ids", TensorProto.INT64, ["B", "S"])], [vi("logits", F32, ["B", "S", V])], inits,
+                       opset=17)
     return model, E, P
 
 
@@ -521,7 +514,7 @@ def test_weight_and_bias_through_identity():
              helper.make_node("MatMul", ["x", "S_T_id"], ["y"], name="mm"),
              helper.make_node("Identity", ["b"], ["b_id"]),
              helper.make_node("Add", ["b_id", "y"], ["z"], name="add")]
-    model = _model(nodes, [_vi("x", ["B", K])], [_vi("z", ["B", N])], {"S": S, "b": b})
+    model = make_model(nodes, [vi("x", F32, ["B", K])], [vi("z", F32, ["B", N])], {"S": S, "b": b}, opset=17)
     res = MatMulNBitsPass()(model)
     out = verify_graph(res.model)[0]
     assert [n.op_type for n in out.graph.node] == ["Identity", "MatMulNBits"]  # the bias Identity stays

@@ -32,8 +32,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import build_tiny_model
 from graphkit.modelio import load_model, save_model
+from tiny_decoder import build_tiny_model, matmul_model
 
 ONNX_TIMEOUT = 60
 EXPORT_TIMEOUT = 240
@@ -236,17 +236,6 @@ def _loads(path: Path):
 
 # ------------------------------------------------------------------------------------------ ONNX inputs
 
-def _matmul_model() -> onnx.ModelProto:
-    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
-    b = np.random.default_rng(1).standard_normal(48).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
-                           helper.make_node("Add", ["mm", "b"], ["y"], name="add")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 64])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 48])],
-                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
 PASS_SPECS = ["matmul-nbits(bits=4,block_size=16)", "matmul-int8", "fp16", "matmul-nbits(bits=8,block_size=32),fp16"]
 
 
@@ -283,9 +272,9 @@ def _run_jobs(jobs: list[tuple]) -> list[Outcome]:
 @pytest.fixture(scope="module")
 def onnx_inputs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("mut-onnx")
-    save_model(_matmul_model(), tmp / "inline" / "m.onnx", external_data=False)
-    save_model(_matmul_model(), tmp / "external" / "m.onnx", external_data=True)
-    save_model(_matmul_model(), tmp / "reference" / "ref.onnx")
+    save_model(matmul_model(bias=True), tmp / "inline" / "m.onnx", external_data=False)
+    save_model(matmul_model(bias=True), tmp / "external" / "m.onnx", external_data=True)
+    save_model(matmul_model(bias=True), tmp / "reference" / "ref.onnx")
     assert (tmp / "external" / "m.onnx_data").is_file()
     return tmp
 
@@ -387,10 +376,10 @@ STRUCTURAL = {
 @pytest.mark.parametrize("command", ["inspect", "apply", "diff"])
 def test_structurally_corrupt_onnx(tmp_path, what, command):
     mutate, needle = STRUCTURAL[what]
-    m = _matmul_model()
+    m = matmul_model(bias=True)
     mutate(m)
     path = _save_raw(m, tmp_path / "in" / "bad.onnx")
-    ref = save_model(_matmul_model(), tmp_path / "ref" / "ref.onnx")[0]
+    ref = save_model(matmul_model(bias=True), tmp_path / "ref" / "ref.onnx")[0]
     out = tmp_path / "out"
     out.mkdir()
     args = {"inspect": ["inspect", path], "diff": ["diff", path, ref],
@@ -405,7 +394,7 @@ def test_structurally_corrupt_onnx(tmp_path, what, command):
 def test_non_utf8_names_are_refused(tmp_path):
     """A flipped byte inside a node name: protobuf (proto2) hands the name back as bytes, which used to
     crash `inspect` (TypeError) and `apply` (UnicodeDecodeError) with a traceback."""
-    data = _matmul_model().SerializeToString()
+    data = matmul_model(bias=True).SerializeToString()
     i = data.index(b"\x12\x02mm")                # NodeProto field 2 (output) = "mm": the MatMul's output name
     data = data[:i + 2] + b"\xff\xfe" + data[i + 4:]
     path = tmp_path / "bad.onnx"
@@ -418,7 +407,7 @@ def test_non_utf8_names_are_refused(tmp_path):
 
 
 def _add_with_one_input(tmp_path: Path) -> Path:
-    m = _matmul_model()
+    m = matmul_model(bias=True)
     del m.graph.node[1].input[1]                 # Add with a single input: invalid ONNX, parseable protobuf
     return _save_raw(m, tmp_path / "bad.onnx")
 
@@ -495,7 +484,7 @@ def test_fp16_refuses_control_flow(tmp_path):
 
 
 def test_apply_report_keeps_bracketed_text(tmp_path):
-    src = save_model(_matmul_model(), tmp_path / "m.onnx")[0]
+    src = save_model(matmul_model(bias=True), tmp_path / "m.onnx")[0]
     res = _cli(["apply", src, "-o", tmp_path / "o.onnx", "-p", "matmul-int8"], ONNX_TIMEOUT)
     assert res.returncode == 0, res.stderr
     assert "[checker ok, shapes ok]" in res.stderr, res.stderr

@@ -19,6 +19,7 @@ from graphkit.pipeline import parse_spec, run_passes
 from passes._quant import quantize_blockwise
 from passes.matmul_nbits import MatMulNBitsPass
 from passes.pack_matmul import PackMatMulPass
+from tiny_decoder import make_model, vi
 
 RNG = np.random.default_rng(3)
 H, NQ, NKV, FF = 64, 64, 16, 96
@@ -39,11 +40,7 @@ def block_graph(opset=18) -> onnx.ModelProto:
               helper.make_node("MatMul", ["q", "Wo"], ["o"], name="o_proj")]
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", d])
             for n, d in (("k", NKV), ("v", NKV), ("gu", FF), ("o", H))]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", H])], outs,
-                          [numpy_helper.from_array(v, k) for k, v in w.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
+    return make_model(nodes, [vi("x", TensorProto.FLOAT, ["b", "s", H])], outs, w, opset=opset, ir_version=8)
 
 
 def run(model, x):
@@ -75,11 +72,9 @@ def test_packs_qkv_and_gate_up_outputs_unchanged(opset):
 def test_max_members_two_and_not_applicable():
     r = PackMatMulPass(max_members=2)(block_graph())
     assert r.details["groups"] == 2  # q+k packed, v alone; gate+up
-    single = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-        [numpy_helper.from_array(np.ones((4, 3), np.float32), "W")]))
+    single = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", TensorProto.FLOAT, [1, 4])],
+                        [vi("y", TensorProto.FLOAT, [1, 3])], {"W": np.ones((4, 3), np.float32)},
+                        opset=onnx.defs.onnx_opset_version())
     res = PackMatMulPass()(single)
     assert not res.modified and "not applicable" in res.summary
     with pytest.raises(GraphkitError, match="max_members"):

@@ -9,7 +9,8 @@
 - the declared Tolerance (data) holds against its reference on the golden continuations;
 - `graphkit passes` and README's passes table show the declared tolerance.
 
-Adding a pass adds it here automatically (registry-wide).
+Adding a pass adds it here automatically (registry-wide); a registered pass without its own
+``tests/test_<module>.py`` fails here (one module + one test module + one registry line).
 """
 from __future__ import annotations
 
@@ -44,6 +45,26 @@ def test_spec_round_trip_and_declarations(name):
     assert cls.__doc__ or sys.modules[cls.__module__].__doc__, "a pass states what it guarantees"
     if cls.after:
         parse_spec(cls.after)
+
+
+def test_every_registered_pass_has_its_test_module():
+    """Adding a pass = one module + one test module + one registry line (docs/adding-a-pass.md): the pass in
+    ``passes/<module>.py`` has ``tests/test_<module>.py``, which runs it (names its class or its spec) in tests."""
+    missing = []
+    for name, cls in sorted(registry().items()):
+        module = cls.__module__
+        assert module.startswith("passes.") and module.count(".") == 1, f"{name}: one pass = one module in passes/"
+        test = ROOT / "tests" / f"test_{module.split('.')[1]}.py"
+        if not test.is_file():
+            missing.append(f"{name}: no {test.relative_to(ROOT)}")
+            continue
+        text = test.read_text(encoding="utf-8")
+        runs_it = cls.__name__ in text or re.search(rf"[\"']{re.escape(name)}\b", text)
+        if not re.search(r"^def test_", text, re.M) or not runs_it:
+            missing.append(f"{name}: {test.relative_to(ROOT)} neither names {cls.__name__} nor runs the spec '{name}'")
+    assert not missing, "registered passes without their test module: " + "; ".join(missing)
+    doc = (ROOT / "docs" / "adding-a-pass.md").read_text(encoding="utf-8")
+    assert "One module, one test module, one registry line" in doc and "tests/test_my_pass.py" in doc
 
 
 def test_readme_and_cli_show_the_declared_tolerance():

@@ -14,15 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit.errors import GraphkitError
 from graphkit.modelio import load_model, save_model
 from graphkit.pipeline import parse_spec, run_passes
-
-
-def matmul_model(k=64, n=48, seed=0) -> onnx.ModelProto:
-    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", n])],
-                          [numpy_helper.from_array(w, "w")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+from tiny_decoder import matmul_model
 
 
 def test_parse_spec_order_and_options():

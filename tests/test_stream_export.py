@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import EXAMPLE, build_tiny_model
+from conftest import EXAMPLE
 from graphkit.errors import GraphkitError
+from tiny_decoder import build_tiny_model
 
 
 def _logits(path: Path, ids: np.ndarray) -> np.ndarray:

@@ -7,12 +7,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import build_tiny_model
 from graphkit.errors import GraphkitError
-from graphkit.export import export_model
 from graphkit.modelio import load_model
 from passes._quant import dequantize_blockwise, quantize_blockwise
 from passes.tied_embedding import TiedEmbeddingPass
+from tiny_decoder import make_model, vi
 
 
 def tied_graph(vocab=50, hidden=40, shared=True, seed=0) -> tuple[onnx.ModelProto, np.ndarray]:
@@ -26,10 +25,10 @@ def tied_graph(vocab=50, hidden=40, shared=True, seed=0) -> tuple[onnx.ModelProt
     else:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(E.T), "Et"))
     nodes.append(helper.make_node("MatMul", ["h", "Et"], ["logits"], name="lm_head"))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab]),
-                           helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", hidden])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), E
+    m = make_model(nodes, [vi("ids", TensorProto.INT64, ["b", "s"])],
+                   [vi("logits", TensorProto.FLOAT, ["b", "s", vocab]),
+                    vi("emb", TensorProto.FLOAT, ["b", "s", hidden])], inits, opset=17)
+    return m, E
 
 
 def run(model, feeds):
@@ -77,13 +76,12 @@ def test_bad_options():
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_exported_decoder_equals_dequantized_table(tmp_path, exporter):
+def test_exported_decoder_equals_dequantized_table(tmp_path, tiny_decoder, exporter):
     """On a real export the pass equals the original graph with E replaced by dequant(quant(E))."""
     from graphkit.ortrun import DecoderRunner
-    folder = build_tiny_model(tmp_path / "m", "qwen2")
-    export_model(folder, tmp_path / "m.onnx", exporter=exporter)
-    original = load_model(tmp_path / "m.onnx")
-    result = TiedEmbeddingPass(bits=4)(load_model(tmp_path / "m.onnx"))
+    export = tiny_decoder("qwen2", exporter).path
+    original = load_model(export)
+    result = TiedEmbeddingPass(bits=4)(load_model(export))
     assert result.modified
     table = result.details["table"]
     E = next(numpy_helper.to_array(t) for t in original.graph.initializer if t.name == table)
