@@ -149,17 +149,19 @@ def parse_pipeline_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def fusion_for(dtype: str, fuse: bool | str | None, target: str | None = None, size_budget: float = 1.0) -> str:
+def fusion_for(dtype: str, fuse: bool | str | None, target: str | None = None, size_budget: float = 1.0,
+               overridden: bool = False) -> str:
     """The fusion level (a FUSIONS key) of ``dtype``: ``--fuse`` (True) "full", ``--no-fuse`` (False) "none", a FUSIONS
     key as given; by default DEFAULT_FUSION, except "none" for ``--target transformers.js@3`` (the forms 3.x was
-    tested with) and for the 4-bit dtypes under ``--size-budget`` (its plan names the unfused graph's MatMuls)."""
+    tested with), for the 4-bit dtypes under ``--size-budget`` (its plan names the unfused graph's MatMuls) and for a
+    dtype whose passes ``--pipeline`` gives (``overridden``: the user's spec says which fusions it wants)."""
     if isinstance(fuse, str):
         if fuse not in FUSIONS:
             raise GraphkitError(f"unknown fusion {fuse!r}; choose from {', '.join(FUSIONS)}")
         return fuse
     if fuse is not None:
         return "full" if fuse else "none"
-    if target == "transformers.js@3" or (size_budget > 1.0 and dtype in ("q4", "q4f16")):
+    if overridden or target == "transformers.js@3" or (size_budget > 1.0 and dtype in ("q4", "q4f16")):
         return "none"
     return DEFAULT_FUSION.get(dtype, "none")
 
@@ -173,7 +175,7 @@ def pipeline_spec(dtype: str, fuse: bool | str | None, model_dir: Path, override
     if logits_to_keep:
         return ",".join(p for p in (LOGITS_TO_KEEP_PREFIX,
                                     pipeline_spec(dtype, fuse, model_dir, overrides, target, size_budget=size_budget)) if p)
-    prefix = FUSIONS[fusion_for(dtype, fuse, target, size_budget)]
+    prefix = FUSIONS[fusion_for(dtype, fuse, target, size_budget, dtype in (overrides or {}))]
     if not prefix:
         return spec
     from graphkit.hfmodel import read_json
@@ -323,7 +325,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         raise GraphkitError(f"{model_dir}: an ONNX export cannot take --adapter (merge it before exporting, or convert "
                             "the Hugging Face folder with --adapter)")
     _check_free_space(model_dir, output, dtypes,
-                      packed=any("pack-matmul" in FUSIONS[fusion_for(d, fuse, target, size_budget)] for d in dtypes))
+                      packed=any("pack-matmul" in FUSIONS[fusion_for(d, fuse, target, size_budget, d in (pipelines or {}))]
+                                 for d in dtypes))
     if size_budget > 1.0 and (fuse is True or calibration == "none"):
         raise GraphkitError("--size-budget needs calibration statistics and the unfused graph's MatMul names; "
                             "drop --fuse / --calibration none, or use --size-budget 1.0")
@@ -436,7 +439,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                                                [r.name.split("(")[0] for r in reports], peak, pipeline=spec,
                                                warnings=limits or None,
                                                mixed=mixed.get(dtype), device=DEVICE_FOR.get(dtype),
-                                               fusion=fusion_for(dtype, fuse, target, size_budget)))
+                                               fusion=fusion_for(dtype, fuse, target, size_budget,
+                                                                 dtype in (pipelines or {}))))
                 except GraphkitError as exc:
                     previous = None
                     for f in onnx_dir.glob(fname + "*"):
