@@ -703,24 +703,29 @@ def main() -> None:
         keys = only
     runs = C.alternate(keys, a.repeats, run_one)
     quality = None
+    group = a.group or "+".join(clients)
+
+    def store(quality: dict | None) -> None:
+        record = {"group": group, "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": C.machine(),
+                  "command": "benchmarks/browser.py " + " ".join(sys.argv[1:]), "clients": clients,
+                  "contenders": contenders, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                  "threads": a.threads, "warmup_tokens": a.warmup_tokens, "repeats": a.repeats, "runs": a.runs,
+                  "slow_runs": a.slow_runs, "sizes": {n: _download_bytes(contender_file(base, n)) for n in contenders},
+                  "summary": {k: summarize(rs) for k, rs in runs.items()}, "quality": quality,
+                  "raw": {k: [{kk: vv for kk, vv in r.items() if kk not in ("stdout", "stderr")} for r in rs]
+                          for k, rs in runs.items()}}
+        (base / "browser-runs").mkdir(exist_ok=True)
+        (base / "browser-runs" / f"{group}.json").write_text(json.dumps(record, indent=1))
+        C.write_section(section, render(base, a.size, a.limits))
+
+    store(None)  # the timings are kept even if the agreement child below is stopped
     if not a.no_quality:
         C.log("agreement child (PyTorch + Python onnxruntime)")
         quality = C.run_child("browser.py", "quality", {
             "hf": str(base / "hf"), "prompt": prompt, "new_tokens": a.new_tokens, "eos": eos,
             "files": {n: str(contender_file(base, n)) for n in contenders}}, quiet=False)
         quality = {k: quality[k] for k in ("torch_greedy", "files")}
-    group = a.group or "+".join(clients)
-    record = {"group": group, "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": C.machine(),
-              "command": "benchmarks/browser.py " + " ".join(sys.argv[1:]), "clients": clients, "contenders": contenders,
-              "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threads": a.threads,
-              "warmup_tokens": a.warmup_tokens, "repeats": a.repeats, "runs": a.runs, "slow_runs": a.slow_runs,
-              "sizes": {n: _download_bytes(contender_file(base, n)) for n in contenders},
-              "summary": {k: summarize(rs) for k, rs in runs.items()}, "quality": quality,
-              "raw": {k: [{kk: vv for kk, vv in r.items() if kk not in ("stdout", "stderr")} for r in rs]
-                      for k, rs in runs.items()}}
-    (base / "browser-runs").mkdir(exist_ok=True)
-    (base / "browser-runs" / f"{group}.json").write_text(json.dumps(record, indent=1))
-    C.write_section(section, render(base, a.size, a.limits))
+        store(quality)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Record the sha256 of every file `graphkit convert` writes for the shipped example (the safety net).
 
-Two conversions, each of the shipped base + adapter with the default dtypes: plain (`convert`) and `--fuse`.
+Two conversions, each of the shipped base + adapter with the default dtypes: plain (`convert`) and
+`--fuse --no-logits-to-keep` (every fusion alone, as tests/conftest.py's `fused` fixture).
 The result, `golden/convert_sha256.json`, is what `tests/test_output_hashes.py` compares every conversion
 against: a refactor must leave these files byte-identical. A change that is meant to change an output (a new
 default quantizer, a new export input, ...) regenerates the file in its own commit and says why:
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HASHES = ROOT / "golden" / "convert_sha256.json"
 # variant name → the extra `graphkit convert` arguments that make it (the shipped example, default dtypes).
-VARIANTS: dict[str, list[str]] = {"default": [], "fuse": ["--fuse"]}
+VARIANTS: dict[str, list[str]] = {"default": [], "fuse": ["--fuse", "--no-logits-to-keep"]}
 # the output folder's name per variant, as the test fixtures name it (tests/conftest.py): USAGE.md names it
 FOLDER_NAMES: dict[str, str] = {"default": "epicrisis-tiny", "fuse": "epicrisis-fused"}
 REGENERATE = "PYTHONPATH=$PWD .venv/bin/python golden/make_hashes.py"

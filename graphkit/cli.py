@@ -121,7 +121,9 @@ def list_passes(json_out: bool = typer.Option(False, "--json", help="Print as JS
                   "q4: tied-embedding(bits=8,block_size=128,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4); "
                   "q4f16: tied-embedding(bits=4,block_size=16,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=32,accuracy_level=4),fp16; "
                   "q8: matmul-int8(quantize_embedding_gather=true) (written as model_quantized.onnx). "
-                  "With --fuse every pipeline starts with fuse-rmsnorm,fuse-rotary,fuse-gqa(padding=bias),pack-matmul,pack-gqa.")
+                  "By default (--target transformers.js@4) every pipeline starts with logits-to-keep, and fp16, q4, q4f16, "
+                  "q8 and w4 with fuse-rmsnorm,fuse-rotary,pack-matmul (measured fastest and right on every runtime tested); "
+                  "with --fuse every pipeline adds fuse-gqa(padding=bias) and pack-gqa, with --no-fuse none.")
 def convert(
     model_dir: Optional[Path] = typer.Argument(None, help="Hugging Face model folder (default: the shipped epicrisis-tiny example with its adapter)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
@@ -130,10 +132,10 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     exporter: str = typer.Option("dynamo", help="torch.onnx exporter: dynamo or torchscript."),
     no_agreement: bool = typer.Option(False, "--no-agreement", help="Skip the agreement-with-fp32 check in the summary."),
-    fuse: bool = typer.Option(False, "--fuse", help="Fuse RMSNorm, rotary and attention into onnxruntime contrib ops (faster on CPU/wasm)."),
-    logits_to_keep: bool = typer.Option(False, "--logits-to-keep", help="Add the num_logits_to_keep input (Transformers.js 4.x feeds it: a prefill computes lm_head for the last position only). Transformers.js 3.x cannot load such a folder."),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="--fuse: every dtype with RMSNorm, rotary and attention (GroupQueryAttention) fused into onnxruntime contrib ops — wrong on the WebGPU adapters measured (graphkit/runtimes.py webgpu-gqa); --no-fuse: none. Default: per dtype, the fusions without GroupQueryAttention for fp16/q4/q4f16/q8/w4, none for fp32 (the reference)."),
+    logits_to_keep: Optional[bool] = typer.Option(None, "--logits-to-keep/--no-logits-to-keep", help="The num_logits_to_keep input (Transformers.js 4.x feeds it: a prefill computes lm_head for the last position only). Default: on for --target transformers.js@4, off for @3 (3.x cannot load such a folder)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Export with the whole model in memory (peft merge) instead of streaming weights one tensor at a time."),
-    pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
+    pipeline: Optional[list[str]] = typer.Option(None, "--pipeline", help="DTYPE=SPEC: replace that dtype's pass pipeline (repeatable; logits-to-keep still goes first for transformers.js@4, the default fusions are left to SPEC), e.g. a 4-bit lm_head for q4: \"q4=tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=4),matmul-nbits(bits=4,block_size=128,symmetric=false,accuracy_level=4)\"."),
     calibration: str = typer.Option("self", "--calibration", help="Calibration for the 4-bit dtypes (GPTQ, docs/quantization.md): a JSONL file (the fine-tuning data: {\"messages\": [...]}, {\"text\": ...} or {\"prompt\", \"completion\"} per line); \"self\" (default): sequences the fp32 model samples itself; \"none\": plain round-to-nearest."),
     calibration_samples: Optional[int] = typer.Option(None, "--calibration-samples", min=1, help="How many calibration samples to use (default: 64 from a file, 32 self-generated)."),
     size_budget: str = typer.Option("auto", "--size-budget", help="Mixed precision for q4/q4f16: q4f16's 4-bit tied table at 8 bits first, then the MatMuls whose 4-bit error is largest (on the calibration statistics) at 8 bits (int8 MatMulInteger), until the file is this factor of its all-4-bit size, e.g. 1.5x (docs/quantization.md). auto (default): 1.5x for the calibrated, unfused Transformers.js 4.x folder; 1.0x (all 4-bit) with --fuse, --calibration none or --target transformers.js@3."),

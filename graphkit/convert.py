@@ -91,8 +91,20 @@ TARGET_PIPELINES: dict[str, dict[str, str]] = {
 # --fuse: onnxruntime contrib-op fusions first (fewer, faster kernels); GQA takes the mask as an
 # attention bias so left-padded batches stay exact.
 FUSE_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),fuse-gqa(padding=bias),pack-matmul,pack-gqa"
-# --logits-to-keep: first in every pipeline (the lm_head is still a float MatMul there); Transformers.js 4.x
-# only (passes/logits_to_keep.py says why it cannot be an optional input that 3.x ignores).
+# The fusions without GroupQueryAttention: onnxruntime-web's WebGPU GroupQueryAttention is wrong on the adapters
+# measured (SwiftShader and lavapipe, graphkit/runtimes.py `webgpu-gqa`); SimplifiedLayerNorm, RotaryEmbedding and
+# packed MatMuls are not (tests/test_tjs.py runs them there).
+FUSE_NO_GQA_PREFIX = "fuse-rmsnorm,fuse-rotary(max_positions={max_positions}),pack-matmul"
+FUSIONS: dict[str, str] = {"none": "", "no-gqa": FUSE_NO_GQA_PREFIX, "full": FUSE_PREFIX}
+# Without --fuse / --no-fuse: per dtype, the form that measured fastest on the device the dtype is meant for
+# (DEVICE_FOR) among those correct on every runtime tested (Node CPU, Chromium wasm, WebGPU lavapipe); RESULTS.md
+# `browser-0.5b-defaults` has the figures, docs/runtimes.md the decision. fp32 stays the exporter's graph: it is
+# the reference every other file is checked against.
+DEFAULT_FUSION: dict[str, str] = {"fp32": "none", "fp16": "no-gqa", "q4": "no-gqa", "q4f16": "no-gqa",
+                                  "q8": "no-gqa", "w4": "no-gqa"}
+# --logits-to-keep (the default for --target transformers.js@4): first in every pipeline (the lm_head is still a
+# float MatMul there); Transformers.js 4.x only (passes/logits_to_keep.py says why it cannot be an optional input
+# that 3.x ignores).
 LOGITS_TO_KEEP_PREFIX = "logits-to-keep"
 
 
@@ -113,6 +125,7 @@ class DtypeResult:
     device: str | None = None  # DEVICE_FOR: where the file is meant to run
     warnings: list[str] | None = None  # browser limits the file breaks (graphkit.browser_limits)
     mixed: dict | None = None  # --size-budget: the weights kept at 8 bits and why (graphkit/mixed.py)
+    fusion: str | None = None  # FUSIONS key: the contrib-op fusions in this file (fusion_for)
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -146,18 +159,38 @@ def parse_pipeline_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def pipeline_spec(dtype: str, fuse: bool, model_dir: Path, overrides: dict[str, str] | None = None,
-                  target: str | None = None, logits_to_keep: bool = False) -> str:
+def fusion_for(dtype: str, fuse: bool | str | None, target: str | None = None, size_budget: float = 1.0,
+               overridden: bool = False) -> str:
+    """The fusion level (a FUSIONS key) of ``dtype``: ``--fuse`` (True) "full", ``--no-fuse`` (False) "none", a FUSIONS
+    key as given; by default DEFAULT_FUSION, except "none" for ``--target transformers.js@3`` (the forms 3.x was
+    tested with), for the 4-bit dtypes under ``--size-budget`` (its plan names the unfused graph's MatMuls) and for a
+    dtype whose passes ``--pipeline`` gives (``overridden``: the user's spec says which fusions it wants)."""
+    if isinstance(fuse, str):
+        if fuse not in FUSIONS:
+            raise GraphkitError(f"unknown fusion {fuse!r}; choose from {', '.join(FUSIONS)}")
+        return fuse
+    if fuse is not None:
+        return "full" if fuse else "none"
+    if overridden or target == "transformers.js@3" or (size_budget > 1.0 and dtype in ("q4", "q4f16")):
+        return "none"
+    return DEFAULT_FUSION.get(dtype, "none")
+
+
+def pipeline_spec(dtype: str, fuse: bool | str | None, model_dir: Path, overrides: dict[str, str] | None = None,
+                  target: str | None = None, logits_to_keep: bool = False, size_budget: float = 1.0) -> str:
     """The pass spec for ``dtype``: ``overrides`` (``--pipeline``), else the target's form (TARGET_PIPELINES), else
-    PIPELINES; after FUSE_PREFIX with --fuse, after LOGITS_TO_KEEP_PREFIX with --logits-to-keep."""
+    PIPELINES; after the fusions of :func:`fusion_for` (``fuse``: True = --fuse, False = --no-fuse, None = the
+    dtype's default), after LOGITS_TO_KEEP_PREFIX with ``logits_to_keep``."""
     spec = (overrides or {}).get(dtype, TARGET_PIPELINES.get(target or "", {}).get(dtype, PIPELINES[dtype]))
     if logits_to_keep:
-        return ",".join(p for p in (LOGITS_TO_KEEP_PREFIX, pipeline_spec(dtype, fuse, model_dir, overrides, target)) if p)
-    if not fuse:
+        return ",".join(p for p in (LOGITS_TO_KEEP_PREFIX,
+                                    pipeline_spec(dtype, fuse, model_dir, overrides, target, size_budget=size_budget)) if p)
+    prefix = FUSIONS[fusion_for(dtype, fuse, target, size_budget, dtype in (overrides or {}))]
+    if not prefix:
         return spec
     from graphkit.hfmodel import read_json
     positions = int(read_json(Path(model_dir) / "config.json", "").get("max_position_embeddings", 32768))
-    return ",".join(p for p in (FUSE_PREFIX.format(max_positions=positions), spec) if p)
+    return ",".join(p for p in (prefix.format(max_positions=positions), spec) if p)
 
 
 def write_configs(model_dir: Path, out: Path, dtypes_written: list[str], external: dict[str, int],
@@ -217,15 +250,16 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 SIZE_RATIO = {"fp32": 1.0, "fp16": 0.5, "q4": 0.16, "q4f16": 0.145, "q8": 0.25, "w4": 0.16}
 
 
-def _check_free_space(model_dir: Path, output: Path, dtypes: list[str]) -> None:
+def _check_free_space(model_dir: Path, output: Path, dtypes: list[str], packed: bool = False) -> None:
     """Refuse to start what cannot finish: the export (which becomes model.onnx) and the other files must fit
-    beside the output (an old output being replaced stays until the new one is complete)."""
+    beside the output (an old output being replaced stays until the new one is complete). ``packed``: a pipeline
+    runs pack-matmul, whose concatenated float32 weights (about the whole model once) are staged there too."""
     from graphkit.stream_export import SafetensorsWeights
     try:
         fp32 = SafetensorsWeights(Path(model_dir)).fp32_nbytes()
     except (GraphkitError, OSError, ValueError):
         return  # not a safetensors folder: the export names the problem itself
-    need = int(fp32 * (1 + sum(SIZE_RATIO[d] for d in dtypes if d != "fp32")))
+    need = int(fp32 * (1 + sum(SIZE_RATIO[d] for d in dtypes if d != "fp32") + (1 if packed else 0)))
     free = shutil.disk_usage(output.parent).free
     if free < need:
         raise GraphkitError(f"{output.parent}: {free / 1e9:.1f} GB of disk free, but {', '.join(dtypes)} need at least "
@@ -264,10 +298,15 @@ def calibration_sequences_for(calibration: str | Path | None, model_dir: Path, s
 
 def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtypes: list[str] | None = None,
             overwrite: bool = False, exporter: str = "dynamo", check_agreement: bool = True,
-            max_chunk_bytes: int | None = None, fuse: bool = False, stream: bool = True,
+            max_chunk_bytes: int | None = None, fuse: bool | None = None, stream: bool = True,
             progress: Callable[[str], None] | None = None, pipelines: dict[str, str] | None = None,
             calibration: str | Path | None = "self", calibration_samples: int | None = None,
-            size_budget: float | None = None, target: str | None = None, logits_to_keep: bool = False) -> dict:
+            size_budget: float | None = None, target: str | None = None, logits_to_keep: bool | None = None) -> dict:
+    """Convert ``model_dir`` (+ ``adapter_dir``) into a Transformers.js folder ``output``. ``fuse``: True = every
+    dtype fully fused (--fuse), False = none (--no-fuse), None = each dtype's measured default (DEFAULT_FUSION).
+    ``size_budget``: None = DEFAULT_SIZE_BUDGET where a budget applies (calibrated, not --fuse, the default target),
+    else 1.0 (all 4-bit); above 1.0 the 4-bit dtypes stay unfused (the plan names the unfused graph's MatMuls).
+    ``logits_to_keep``: None = on for transformers.js@4 (the default target), off for @3 (which refuses True)."""
     from graphkit import browser_limits, tensors
     from graphkit.memory import peak_rss, release_free_memory, reset_peak
     from graphkit.modelio import DEFAULT_CHUNK_BYTES, PROTOBUF_LIMIT, load_model, model_nbytes, save_model
@@ -279,15 +318,17 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     target = target or DEFAULT_TARGET
     if target not in TARGET_RUNTIMES:
         raise GraphkitError(f"unknown target {target!r}; choose from {', '.join(TARGET_RUNTIMES)}")
-    if fuse and target == "transformers.js@3":
+    if fuse is True and target == "transformers.js@3":
         raise GraphkitError("--fuse with --target transformers.js@3: onnxruntime-node 1.21 (Transformers.js 3.x) refuses "
                             "GroupQueryAttention with an attention_bias input ('has input size 11 not in range [min=7, "
                             "max=9]'), and the form it loads is wrong for left-padded batches; drop --fuse, or target "
                             "transformers.js@4")
-    if logits_to_keep and target == "transformers.js@3":
+    if logits_to_keep is True and target == "transformers.js@3":
         raise GraphkitError("--logits-to-keep with --target transformers.js@3: Transformers.js 3.x does not feed "
                             "num_logits_to_keep and refuses a graph input it does not feed; drop --logits-to-keep, or "
                             "target transformers.js@4")
+    if logits_to_keep is None:  # Transformers.js 4.x feeds it (a prefill computes one row of logits); 3.x cannot
+        logits_to_keep = target != "transformers.js@3"
     model_dir, output = Path(model_dir), Path(output)
     _prepare_output(output, overwrite)
     from graphkit.onnx_source import find_onnx_source
@@ -295,12 +336,14 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
     if source is not None and adapter_dir:
         raise GraphkitError(f"{model_dir}: an ONNX export cannot take --adapter (merge it before exporting, or convert "
                             "the Hugging Face folder with --adapter)")
-    _check_free_space(model_dir, output, dtypes)
     if size_budget is None:  # the default: DEFAULT_SIZE_BUDGET where a budget applies, else all 4-bit
-        size_budget = DEFAULT_SIZE_BUDGET if (not fuse and calibration != "none" and target == DEFAULT_TARGET) else 1.0
-    elif size_budget > 1.0 and (fuse or calibration == "none"):
+        size_budget = DEFAULT_SIZE_BUDGET if (fuse is not True and calibration != "none" and target == DEFAULT_TARGET) else 1.0
+    elif size_budget > 1.0 and (fuse is True or calibration == "none"):
         raise GraphkitError("--size-budget needs calibration statistics and the unfused graph's MatMul names; "
                             "drop --fuse / --calibration none, or use --size-budget 1.0")
+    _check_free_space(model_dir, output, dtypes,
+                      packed=any("pack-matmul" in FUSIONS[fusion_for(d, fuse, target, size_budget, d in (pipelines or {}))]
+                                 for d in dtypes))
     calib_seqs = calibration_sequences_for(calibration, model_dir, calibration_samples)
     calib_info: dict | None = None
     chunk = max_chunk_bytes or DEFAULT_CHUNK_BYTES
@@ -328,7 +371,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
         # save_model copies the rest file to file. A pipeline that extends the previous one (q4f16 =
         # q4 + fp16) starts from that result instead of redoing the quantization.
         previous: tuple[list, object, list] | None = None  # (passes, model, reports)
-        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines, target, logits_to_keep) for d in dtypes}
+        raw_specs = {d: pipeline_spec(d, fuse, model_dir, pipelines, target, logits_to_keep, size_budget) for d in dtypes}
         if calibration == "none":
             raw_specs = {d: without_calibration(sp) for d, sp in raw_specs.items()}
         if any(CALIBRATION_SLOT in sp for sp in raw_specs.values()):
@@ -342,6 +385,11 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     raw_specs[d], mixed[d] = _mixed_spec(raw_specs[d], scratch, Path(calib_info["stats"]), size_budget, step,
                                                          table_8bit=target != "transformers.js@3")
         specs = {d: _pass_names(raw_specs[d]) for d in dtypes}
+        # the leading passes several dtypes share (logits-to-keep and the default fusions): run once, each dtype goes
+        # on from a copy. pack-matmul writes new float weights (the whole body at float32), so one spilled copy
+        # instead of one per dtype (disk) and one run instead of one per dtype (time)
+        common = _shared_prefix([specs[d] for d in dtypes])
+        shared: tuple[object, list] | None = None  # (model, reports) after the common passes
         with tensors.spill_to(tmp / ".spill", f"converting into {output}"):  # new weights go to disk, not into the proto
             for i, dtype in enumerate(dtypes):
                 fname = DTYPE_FILES[dtype]
@@ -356,17 +404,29 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     passes = parse_spec(spec) if spec else []
                     names = [p.describe() for p in passes]
                     reports: list = []
-                    if previous and previous[0] and names[:len(previous[0])] == previous[0]:
+                    from_common = bool(common) and names[:len(common)] == common
+                    if (previous and previous[0] and names[:len(previous[0])] == previous[0]
+                            and not (from_common and len(common) > len(previous[0]))):
                         step(f"   starting from the {' → '.join(n.split('(')[0] for n in previous[0])} result")
                         model = previous[1]  # run_passes(keep_input=True) leaves it as it is for later dtypes
                         reports = list(previous[2])
                         passes = passes[len(previous[0]):]
+                    elif from_common:
+                        previous = None
+                        if shared is None:
+                            shared = run_passes(load_model(scratch, load_external="lazy"), passes[:len(common)],
+                                                on_report=lambda r: step("   " + r.line()))
+                        else:
+                            step(f"   starting from the {' → '.join(n.split('(')[0] for n in common)} result")
+                        model, reports = shared[0], list(shared[1])
+                        passes = passes[len(common):]
                     else:
                         previous = None
                         model = load_model(scratch, load_external="lazy")
                     if passes:
+                        kept = (previous[1] if previous else None, shared[0] if shared else None)
                         model, more = run_passes(model, passes, on_report=lambda r: step("   " + r.line()),
-                                                 keep_input=model is (previous[1] if previous else None))
+                                                 keep_input=any(model is k for k in kept))
                         reports += more
                     _check_runtimes(model, fname, dtype, target)
                     force_external = True if max_chunk_bytes else None  # None: only above 2 GB
@@ -383,6 +443,8 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                         step(f"   WARNING: onnx/{fname}: {w}")
                     extended_later = any(len(specs[d]) > len(names) and specs[d][:len(names)] == names for d in dtypes[i + 1:])
                     previous = (names, model, reports) if names and extended_later else None
+                    if shared is not None and not any(specs[d][:len(common)] == common for d in dtypes[i + 1:]):
+                        shared = None  # no later dtype starts from it
                     del model
                     release_free_memory()
                     if len(files) > 1 and dtype != "w4":  # w4's second file is its .w4bin, not ONNX external data
@@ -394,7 +456,9 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                                                round(time.perf_counter() - t0 + (export_s if dtype == "fp32" else 0), 2),
                                                [r.name.split("(")[0] for r in reports], peak, pipeline=recorded,
                                                warnings=limits or None,
-                                               mixed=mixed.get(dtype), device=DEVICE_FOR.get(dtype)))
+                                               mixed=mixed.get(dtype), device=DEVICE_FOR.get(dtype),
+                                               fusion=fusion_for(dtype, fuse, target, size_budget,
+                                                                 dtype in (pipelines or {}))))
                 except GraphkitError as exc:
                     previous = None
                     for f in onnx_dir.glob(fname + "*"):
@@ -402,7 +466,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
                     results.append(DtypeResult(dtype, f"onnx/{fname}", False, seconds=round(time.perf_counter() - t0, 2),
                                                error=str(exc), pipeline=recorded))
                     step(f"{dtype}: FAILED: {exc}")
-            previous = None
+            previous = shared = None
         shutil.rmtree(scratch.parent, ignore_errors=True)
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
         shutil.rmtree(tmp / ".calib", ignore_errors=True)
@@ -528,6 +592,19 @@ def _link_files(export: Path, dest: Path) -> list[Path]:
         except OSError:
             shutil.copyfile(f, target)
         out.append(target)
+    return out
+
+
+def _shared_prefix(pipelines: list[list[str]]) -> list[str]:
+    """The leading passes that the most pipelines share (at least two, and at least two passes: logits-to-keep alone
+    adds no weights, nothing is gained by sharing it); the longest such prefix, [] if none."""
+    best: tuple[int, int] = (1, 0)
+    out: list[str] = []
+    for p in pipelines:
+        for n in range(2, len(p) + 1):
+            count = sum(q[:n] == p[:n] for q in pipelines)
+            if count >= 2 and (count, n) > best:
+                best, out = (count, n), p[:n]
     return out
 
 

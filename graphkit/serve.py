@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from graphkit.errors import GraphkitError
-from graphkit.tjs_contract import DTYPE_FILES, TJS_CONFIG, USE_EXTERNAL_DATA, external_data_name
+from graphkit.tjs_contract import DTYPE_FILES, OUTPUT_FILES, TJS_CONFIG, USE_EXTERNAL_DATA, external_data_name
 
 PAGE_DIR = Path(__file__).resolve().parent / "serve_page"
 DEFAULT_NODE_MODULES = Path(__file__).resolve().parents[1] / "tests" / "js" / "node_modules"
@@ -70,6 +70,15 @@ def check_folder(folder: Path, dtypes: list[str] | None = None) -> dict[str, int
                 raise GraphkitError(f"{part}: missing; config.json says {fname} has {chunks} external data file(s); "
                                     "copy the whole folder or re-convert it")
         found[dtype] = sum(p.stat().st_size for p in files)
+    # graphkit's 4-bit download for wasm (docs/w4.md): the graph, its .w4bin and the w4.mjs that expands it
+    w4 = [folder / "onnx" / OUTPUT_FILES["w4"], folder / "onnx" / Path(OUTPUT_FILES["w4"]).with_suffix(".w4bin").name,
+          folder / "w4.mjs"]
+    if w4[0].is_file():
+        for part in w4[1:]:
+            if not part.is_file():
+                raise GraphkitError(f"{part}: missing; {w4[0].name} needs it (docs/w4.md); copy the whole folder or "
+                                    "re-convert it with --dtypes ...,w4")
+        found["w4"] = sum(p.stat().st_size for p in w4[:2])
     if not found:
         raise GraphkitError(f"{folder}: not a converted model folder (no onnx/model*.onnx); "
                             f"make one with `graphkit convert -o {folder}`")
@@ -77,7 +86,7 @@ def check_folder(folder: Path, dtypes: list[str] | None = None) -> dict[str, int
         missing = [d for d in dtypes if d not in found]
         if missing:
             raise GraphkitError(f"{folder}: no file for dtype {', '.join(missing)} "
-                                f"(onnx/{DTYPE_FILES.get(missing[0], '?')}); this folder has {', '.join(found)}")
+                                f"(onnx/{OUTPUT_FILES.get(missing[0], '?')}); this folder has {', '.join(found)}")
         found = {d: found[d] for d in dtypes}
     return found
 
@@ -219,7 +228,7 @@ def make_server(folder: Path, host: str = "127.0.0.1", port: int = 8000, dtypes:
     model_id = folder.name if _MODEL_ID.fullmatch(folder.name) else "model"
     files = {p.name: p for p in PAGE_DIR.iterdir() if p.is_file()}
     info = {"model_id": model_id, "model_path": f"/models/{model_id}/", "folder": str(folder),
-            "dtypes": [{"dtype": d, "file": f"onnx/{DTYPE_FILES[d]}", "bytes": n} for d, n in found.items()],
+            "dtypes": [{"dtype": d, "file": f"onnx/{OUTPUT_FILES[d]}", "bytes": n} for d, n in found.items()],
             "targets": _targets(folder), "transformers_version": tjs_version, "onnxruntime_web_version": ort_version}
     handler = type("GraphkitServeHandler", (_Handler,), {
         "routes": [(f"/models/{model_id}/", folder), ("/tjs/", tjs_dist), ("/ort/", ort_dist), ("/app/", PAGE_DIR)],

@@ -66,10 +66,12 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fused(tmp_path_factory) -> Path:
-    """`graphkit convert --fuse`: contrib-op fusions (SimplifiedLayerNorm, GroupQueryAttention on packed q/k/v with
-    its own rotary)."""
+    """`graphkit convert --fuse --no-logits-to-keep`: every contrib-op fusion (SimplifiedLayerNorm, GroupQueryAttention
+    on packed q/k/v with its own rotary) and nothing else, so each runtime fact of GroupQueryAttention is seen alone
+    (the default folder carries num_logits_to_keep; tests/test_runtimes.py probes each form in isolation)."""
     out = tmp_path_factory.mktemp("fused") / "epicrisis-fused"
-    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--dtypes", "fp32,fp16,q4,q4f16,q8",
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--fuse", "--no-logits-to-keep", "--dtypes",
+                          "fp32,fp16,q4,q4f16,q8",
                           "--output", str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     return out

@@ -152,7 +152,8 @@ HEAD4_Q4 = ("tied-embedding(bits=4,block_size=32,symmetric=false,accuracy_level=
 
 
 def test_pipeline_override_replaces_one_dtype(tmp_path):
-    """--pipeline q4=SPEC: the q4 file is made by that spec (a 4-bit shared table here), the others as usual."""
+    """--pipeline q4=SPEC: the q4 file is made by that spec (a 4-bit shared table here) after logits-to-keep (the
+    target's input) and without the default fusions (the spec says which it wants), the others as usual."""
     import onnx
     out = tmp_path / "o"
     res = _cli("convert", "--output", out, "--dtypes", "fp32,q4", "--pipeline", f"q4={HEAD4_Q4}", "--json",
@@ -160,8 +161,9 @@ def test_pipeline_override_replaces_one_dtype(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     by = {d["dtype"]: d for d in summary["dtypes"]}
-    assert [p.split("(")[0] for p in by["q4"]["passes"]] == ["tied-embedding", "matmul-nbits"]
-    assert by["q4"]["pipeline"] == HEAD4_Q4 and by["fp32"]["pipeline"] == ""
+    assert [p.split("(")[0] for p in by["q4"]["passes"]] == ["logits-to-keep", "tied-embedding", "matmul-nbits"]
+    assert by["q4"]["pipeline"] == "logits-to-keep," + HEAD4_Q4 and by["q4"]["fusion"] == "none"
+    assert by["fp32"]["pipeline"] == "logits-to-keep"
     m = onnx.load(str(out / "onnx" / "model_q4.onnx"))
     head = [n for n in m.graph.node if n.op_type == "MatMulNBits"
             and next(a.i for a in n.attribute if a.name == "N") == 2048]

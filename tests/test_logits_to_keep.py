@@ -4,14 +4,13 @@ Transformers.js 4.x feeds the input (Node and Chromium wasm) with tokens equal t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
-from graphkit.convert import PIPELINES, without_calibration
+from conftest import EXAMPLE
+from graphkit.convert import PIPELINES, pipeline_spec, without_calibration
 from graphkit.errors import PreconditionError
 from graphkit.modelio import load_model
 from graphkit.ortrun import DecoderRunner
@@ -37,7 +36,8 @@ def _prefill(runner: DecoderRunner, keep: int | None):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "q4", "q4f16", "q8"])
 def test_parity_at_0_and_1_every_dtype(exported_example, tmp_path, dtype):
-    spec = without_calibration(PIPELINES[dtype])  # the pipeline's form without calibration statistics
+    # the dtype's default form (its default fusions, graphkit.convert.DEFAULT_FUSION) without calibration statistics
+    spec = without_calibration(pipeline_spec(dtype, None, EXAMPLE / "base"))
     base = _variant(exported_example, spec, tmp_path / "base.onnx")
     kept = _variant(exported_example, ",".join(p for p in ("logits-to-keep", spec) if p), tmp_path / "kept.onnx")
     assert INPUT in kept.inputs and INPUT not in base.inputs
@@ -76,13 +76,25 @@ def test_refuses_a_rewritten_lm_head_and_runs_once(exported_example):
 
 
 @pytest.fixture(scope="module")
-def kept_folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ltk") / "epicrisis-ltk"
-    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--logits-to-keep", "--dtypes", "fp32,q4,q8",
-                          "--output", str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["logits_to_keep"] is True
-    return out
+def kept_folder(converted):
+    """The default folder: `convert` (target transformers.js@4) adds num_logits_to_keep to every file."""
+    folder, summary = converted
+    assert summary["logits_to_keep"] is True and summary["target"] == "transformers.js@4"
+    return folder
+
+
+def _inputs(path) -> set[str]:
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+
+
+def test_on_by_default_for_4x_only(kept_folder, converted_tjs3, fused):
+    """Every default file has the input; no --target transformers.js@3 file (3.x never feeds it) and no
+    --no-logits-to-keep file has it."""
+    from graphkit.tjs import variant_path
+    for dtype in ("fp32", "fp16", "q4", "q4f16", "q8"):
+        assert INPUT in _inputs(variant_path(kept_folder, dtype)), dtype
+        assert INPUT not in _inputs(variant_path(converted_tjs3, dtype)), dtype
+        assert INPUT not in _inputs(variant_path(fused, dtype)), dtype
 
 
 @pytest.mark.slow

@@ -217,3 +217,54 @@ def test_transformersjs_tokens_equal_python(w4_folder, golden, client, device):
         # tokens at a top-2 margin of 0.006 (the int8 GEMMs themselves are bit-exact there, docs/q8.md); a
         # divergence is accepted only at such a near-tie (graphkit.tjs.NEAR_TIE), as for WebGPU in test_tjs.py
         assert all(c.acceptable for c in comps), report
+
+
+def test_serve_lists_w4_with_its_download(w4_folder, tmp_path):
+    """`graphkit serve` offers w4 (graph + .w4bin: what a browser downloads) and names a missing piece."""
+    import shutil
+
+    from graphkit.serve import check_folder
+    onnx_dir = w4_folder / "onnx"
+    found = check_folder(w4_folder)
+    assert found["w4"] == (onnx_dir / "model_w4.onnx").stat().st_size + (onnx_dir / blob_file_name("model_w4.onnx")).stat().st_size
+    broken = tmp_path / "no-mjs"
+    shutil.copytree(w4_folder, broken)
+    (broken / "w4.mjs").unlink()
+    with pytest.raises(GraphkitError, match=r"w4\.mjs: missing; model_w4\.onnx needs it"):
+        check_folder(broken)
+
+
+@pytest.mark.slow
+@pytest.mark.js
+def test_serve_page_runs_w4_on_wasm(w4_folder, golden):
+    """The served page starts a folder without q8 on wasm with w4 and loads it through the folder's w4.mjs; its
+    tokens are Python onnxruntime's on the same graph and int8 bytes (a divergence only at a near-tie, as above)."""
+    import os
+
+    from graphkit.tjs import NEAR_TIE
+    from test_serve import _drive, _python_greedy
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "graphkit", "serve", str(w4_folder), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    data = w4_folder / "onnx" / data_file_name("model_w4.onnx")
+    made = False
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        prompt = golden["prompts"][0]
+        r = _drive(url + "?threads=2", "--device", "wasm", "--dtype", "w4", "--max-new-tokens", "16",
+                   "--prompt", prompt["messages"][0]["content"])
+        assert r["default_choice"] == {"device": "wasm", "dtype": "w4"} and "w4" in r["dtype_options"]
+        (run,) = r["runs"]
+        assert not run["error"] and run["prompt_ids"] == prompt["prompt_ids"] and len(run["ids"]) == 16, run
+        made = not data.exists()
+        if made:
+            materialize(w4_folder / "onnx" / "model_w4.onnx")
+        ids, margins = _python_greedy(w4_folder / "onnx" / "model_w4.onnx", run["prompt_ids"], len(run["ids"]))
+        div = next((k for k, (a, b) in enumerate(zip(ids, run["ids"])) if a != b), None)
+        assert div is None or margins[div] < NEAR_TIE, (div, ids, run["ids"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if made:
+            data.unlink()

@@ -44,21 +44,6 @@ def _copy_folder(src, dst, keep: str):
     return dst
 
 
-def _probe_num_logits_to_keep(converted, root):
-    """fp32 plus a num_logits_to_keep input the graph really reads (logits + 0 * it), as a 4.x export has."""
-    d = _copy_folder(converted, root / "probe-nltk", "model.onnx")
-    m = onnx.load(str(d / "onnx" / "model.onnx"))
-    g = m.graph
-    g.input.append(helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []))
-    next(n for n in g.node if "logits" in n.output).output[0] = "logits_pre"
-    g.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "nltk_zero"))
-    g.node.extend([helper.make_node("Cast", ["num_logits_to_keep"], ["nltk_f"], to=TensorProto.FLOAT),
-                   helper.make_node("Mul", ["nltk_f", "nltk_zero"], ["nltk_0"]),
-                   helper.make_node("Add", ["logits_pre", "nltk_0"], ["logits"])])
-    onnx.save(m, str(d / "onnx" / "model.onnx"))
-    return d
-
-
 def _probe_fp16_logits(converted, root):
     from graphkit.modelio import load_model, save_model
     from passes.fp16 import Fp16Pass
@@ -76,25 +61,36 @@ def _probe_kv_cache_dtype(converted, root):
     return d
 
 
+def _convert_plain(root):
+    """`convert --no-fuse --no-logits-to-keep`: the export's graph, each dtype's quantization alone (the previous
+    defaults), so each 3.x fact of q4 / q4f16 / fp16 is seen without num_logits_to_keep beside it."""
+    out = root / "epicrisis-plain"
+    res = subprocess.run([sys.executable, "-m", "graphkit", "convert", "--no-fuse", "--no-logits-to-keep", "--output",
+                          str(out), "--json", "--no-agreement"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def case(converted, converted_tjs3, fused, golden, tmp_path_factory):
     """All folders and the Node runs: one process per Transformers.js version."""
     folder = converted[0]
     root = tmp_path_factory.mktemp("probes")
-    folders = {"default": folder, "fuse": fused, "tjs3": converted_tjs3,
-               "probe-nltk": _probe_num_logits_to_keep(folder, root),
-               "probe-f16logits": _probe_fp16_logits(folder, root),
-               "probe-nokv": _probe_kv_cache_dtype(folder, root)}
-    # KNOWN entry → (folder, dtype) with that form; the default files carry three of them themselves
-    probes = {"matmulnbits-bits": ("default", "q4"), "matmulnbits-f16-level4": ("default", "q4f16"),
-              "gqa-inputs": ("fuse", "fp32"), "num-logits-to-keep": ("probe-nltk", "fp32"),
+    plain = _convert_plain(root)
+    folders = {"default": folder, "fuse": fused, "tjs3": converted_tjs3, "plain": plain,
+               "probe-f16logits": _probe_fp16_logits(plain, root),
+               "probe-nokv": _probe_kv_cache_dtype(plain, root)}
+    # KNOWN entry → (folder, dtype) with that form alone: the plain q4 / q4f16 carry theirs, the default fp32 has
+    # num_logits_to_keep and nothing else 3.x lacks
+    probes = {"matmulnbits-bits": ("plain", "q4"), "matmulnbits-f16-level4": ("plain", "q4f16"),
+              "gqa-inputs": ("fuse", "fp32"), "num-logits-to-keep": ("default", "fp32"),
               "fp16-logits": ("probe-f16logits", "fp16"), "kv-cache-dtype": ("probe-nokv", "fp16")}
     assert set(probes) == {p.code for p in runtimes.KNOWN if not p.condition}, "every KNOWN entry needs a probe here"
     extra = [(k, d) for k, d in probes.values() if k.startswith("probe-")]
     jobs = {  # 4.3.1 runs the default and --fuse folders in tests/test_tjs.py
-        "3.8.1": [(k, d) for k in ("tjs3", "default", "fuse") for d in DTYPES] + extra,
+        "3.8.1": [(k, d) for k in ("tjs3", "default", "fuse", "plain") for d in DTYPES] + extra,
         "4.3.1": [("tjs3", d) for d in DTYPES] + extra,
-        "4.3.2": [(k, d) for k in ("tjs3", "default", "fuse") for d in DTYPES],
+        "4.3.2": [(k, d) for k in ("tjs3", "default", "fuse") for d in DTYPES] + [("plain", "q4"), ("plain", "q4f16")],
     }
     messages = [p["messages"] for p in golden["prompts"]]
     runs = {}
@@ -146,10 +142,23 @@ def test_newest_4x_runs_default_and_fuse(case, key, dtype):
 
 @pytest.mark.js
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "q8"])
-def test_tjs3_runs_the_default_files_without_known_problems(case, dtype):
-    """The default folder's files that have no entry in runtimes.KNOWN run in 3.8.1 unchanged."""
-    assert not runtimes.check_file(variant_path(case["folders"]["default"], dtype), None, dtype, ("transformers.js@3",))
-    _assert_equal_to_ort(case, "3.8.1", "default", dtype)
+def test_tjs3_refuses_the_default_files_as_known(case, dtype):
+    """The default folder is made for 4.x: every file carries num_logits_to_keep (the default for --target
+    transformers.js@4), which 3.8.1 refuses as runtimes.KNOWN says, and nothing else 3.x is known to break on these
+    dtypes; --target transformers.js@3 (test_target_tjs3_runs_everywhere) is the 3.x folder."""
+    found = runtimes.check_file(variant_path(case["folders"]["default"], dtype), None, dtype, ("transformers.js@3",))
+    assert [p["code"] for p in found] == ["num-logits-to-keep"], found
+    run = case["runs"][("3.8.1", "default", dtype)]
+    assert "Missing the following inputs: num_logits_to_keep" in run.get("error", ""), run.get("error")
+
+
+@pytest.mark.js
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "q8"])
+def test_tjs3_runs_the_plain_files_without_known_problems(case, dtype):
+    """`--no-fuse --no-logits-to-keep` (the previous defaults): the files that have no entry in runtimes.KNOWN run in
+    3.8.1 unchanged."""
+    assert not runtimes.check_file(variant_path(case["folders"]["plain"], dtype), None, dtype, ("transformers.js@3",))
+    _assert_equal_to_ort(case, "3.8.1", "plain", dtype)
 
 
 @pytest.mark.js
@@ -196,9 +205,7 @@ def test_known_problems_observed(case, code):
         assert not any(c.equal for c in comps), f"{code}: 3.8.1 now matches onnxruntime; drop the entry"
         if code == "matmulnbits-f16-level4":  # the issue's symptom: token 0 over and over
             assert all(set(r["new_ids"]) == {0} for r in run["results"]), [r["new_ids"][:8] for r in run["results"]]
-    # the num_logits_to_keep probe computes exactly the default fp32 (+ 0); Python's loop does not feed that input
-    _assert_equal_to_ort(case, "4.3.1" if key.startswith("probe-") else "4.3.2", key, dtype,
-                         ref_key="default" if key == "probe-nltk" else None)
+    _assert_equal_to_ort(case, "4.3.1" if key.startswith("probe-") else "4.3.2", key, dtype)
 
 
 # ------------------------------------------------------------------------------ fast, no Node needed
@@ -238,7 +245,7 @@ def test_conditional_caveat_is_reported_not_refused():
     """Any GroupQueryAttention carries the WebGPU subgroup caveat for 4.x: reported, with its condition."""
     found = runtimes.check_model(_nbits_model(gqa_inputs=9))
     assert [(p["code"], p["runtime"]) for p in found] == [("webgpu-gqa-subgroup", "transformers.js@4")]
-    assert "subgroup size < 8" in found[0]["message"] and "--fuse" in found[0]["fix"]
+    assert "subgroup sizes 4 and 8" in found[0]["message"] and "--fuse" in found[0]["fix"]
 
 
 def test_kv_cache_dtype_needs_the_folder_config():
@@ -272,18 +279,20 @@ def test_convert_records_its_target_and_inspect_grades_by_it(converted, converte
     default = inspect_path(folder)
     per_file = {m["path"].rsplit("/", 1)[1]: {f["code"]: f["level"] for f in m["findings"] if f.get("runtime")}
                 for m in default["models"]}
-    assert per_file["model_q4.onnx"] == {"matmulnbits-bits": "warning"}
-    assert per_file["model_q4f16.onnx"] == {"matmulnbits-f16-level4": "warning"}
-    assert per_file["model.onnx"] == per_file["model_fp16.onnx"] == per_file["model_quantized.onnx"] == {}
+    nltk = {"num-logits-to-keep": "warning"}  # every default file: the 4.x input (convert's default for @4)
+    assert per_file["model_q4.onnx"] == {"matmulnbits-bits": "warning", **nltk}
+    assert per_file["model_q4f16.onnx"] == {"matmulnbits-f16-level4": "warning", **nltk}
+    assert per_file["model.onnx"] == per_file["model_fp16.onnx"] == per_file["model_quantized.onnx"] == nltk
     rows = {r["runtime"]: r for r in next(m for m in default["models"] if m["path"].endswith("_q4.onnx"))["runtimes"]}
-    assert rows["transformers.js@3"]["problems"] == [{"code": "matmulnbits-bits", "effect": "does not load"}]
+    assert rows["transformers.js@3"]["problems"] == [{"code": "matmulnbits-bits", "effect": "does not load"},
+                                                     {"code": "num-logits-to-keep", "effect": "does not load"}]
     assert rows["transformers.js@4"]["problems"] == [] and rows["transformers.js@4"]["made_for"]
     # the same 8-bit file in a folder that claims 3.x: an error
     claim = tmp_path / "claims-3x"
     shutil.copytree(converted_tjs3, claim)
     shutil.copy(folder / "onnx" / "model_q4.onnx", claim / "onnx" / "model_q4.onnx")
     bad = inspect_path(claim)
-    assert bad["errors"] == 1
+    assert bad["errors"] == 2  # the 8-bit head and the default's num_logits_to_keep: 3.x loads neither
     f = next(f for m in bad["models"] for f in m["findings"] if f["code"] == "matmulnbits-bits")
     assert f["level"] == "error" and "--target transformers.js@3" in f["fix"] and "Only 4b quantization" in f["message"]
 

@@ -273,6 +273,8 @@ def test_page_generates_the_epicrisis_in_wasm_side_by_side(serving):
                "--prompt", golden["messages"][0]["content"], "--screenshot", str(shot), "--snippet", str(snippet))
     assert r["external_requests"] == [] and r["http"]["errors"] == [] and r["http"]["coep_missing"] == []
     assert r["caps"]["cross_origin_isolated"] is True and r["caps"]["wasm_threads"] == 2
+    # no shader-f16 on this adapter (SwiftShader): the page starts on wasm with q8 (app.mjs defaultChoice)
+    assert not r["caps"]["shader_f16"] and r["default_choice"] == r["selected"] == {"device": "wasm", "dtype": "q8"}
     assert r["page_workers"] >= 1  # onnxruntime-web's wasm threads are workers: threads really run
     assert set(r["dtype_options"]) == {"fp32", "fp16", "q4", "q4f16", "q8"}
     q8, fp32 = r["runs"]
@@ -344,6 +346,8 @@ def test_page_on_lavapipe_webgpu_generates_q4f16(serving):
     assert caps["webgpu"] and caps["shader_f16"] and "shader-f16" in caps["features"], caps
     assert caps["adapter"]["subgroup_min_size"] == 8 == caps["adapter"]["subgroup_max_size"], caps["adapter"]
     assert "shader-f16: yes, subgroup size: 8-8" in r["caps_text"], r["caps_text"]
+    # an adapter with shader-f16: the page starts on WebGPU with q4f16 (app.mjs defaultChoice)
+    assert r["default_choice"] == r["selected"] == {"device": "webgpu", "dtype": "q4f16"}
     # no "q4f16 needs the WebGPU feature shader-f16, which this adapter lacks" anywhere on the page
     for text in (r["status_before"], r["status"], *r["pane_texts"]):
         assert "shader-f16" not in text and "lacks" not in text, text

@@ -55,10 +55,28 @@ async function getModel(device, dtype) {
   const key = `${device}/${dtype}`;
   if (!models.has(key)) {
     const t0 = now();
-    const model = await T.AutoModelForCausalLM.from_pretrained(info.model_id, { device, dtype });
+    let options = { device, dtype };
+    if (dtype === 'w4') {
+      // graphkit's 4-bit download (docs/w4.md): the folder's w4.mjs expands model_w4.w4bin into the int8 weights of
+      // model_w4.onnx, handed to onnxruntime-web as external data (the documented Transformers.js path)
+      const base = `/models/${info.model_id}`;
+      const { w4ExternalData } = await import(`${base}/w4.mjs`);
+      const externalData = await w4ExternalData(`${base}/onnx/model_w4.w4bin`);
+      options = { device, dtype: 'fp32', model_file_name: 'model_w4', session_options: { externalData } };
+    }
+    const model = await T.AutoModelForCausalLM.from_pretrained(info.model_id, options);
     models.set(key, { model, load_ms: now() - t0 });
   }
   return models.get(key);
+}
+
+/** The device and dtype the page starts with, per adapter (RESULTS.md browser-0.5b-defaults): q4f16 on WebGPU where
+ * the adapter has shader-f16 (its kernels need it); else wasm with q8 (the fastest to load from a local folder:
+ * w4 decodes at q8's speed from a smaller download but expands its weights first), w4, then q4. */
+export function defaultChoice(caps, names) {
+  if (caps?.webgpu && caps.shader_f16 && names.includes('q4f16')) return { device: 'webgpu', dtype: 'q4f16' };
+  const dtype = ['q8', 'w4', 'q4'].find((d) => names.includes(d)) ?? names[0];
+  return { device: 'wasm', dtype };
 }
 
 function makePane(dtype, device) {
@@ -182,7 +200,6 @@ try {
     $('dtypeB').add(new Option(label, d.dtype));
   }
   const names = info.dtypes.map((d) => d.dtype);
-  $('dtypeA').value = names.includes('q8') ? 'q8' : names[0];
   T = await import('@huggingface/transformers');
   T.env.allowLocalModels = true;
   T.env.allowRemoteModels = false;
@@ -198,7 +215,9 @@ try {
   const threads = Number.parseInt(new URLSearchParams(location.search).get('threads') ?? '', 10);
   if (threads > 0) wasm.numThreads = self.crossOriginIsolated ? threads : 1;
   state.caps = await capabilities();
-  if (state.caps.webgpu) $('device').value = 'wasm';
+  state.default_choice = defaultChoice(state.caps, names);
+  $('device').value = state.default_choice.device;
+  $('dtypeA').value = state.default_choice.dtype;
   showCaps(state.caps);
   tokenizer = await T.AutoTokenizer.from_pretrained(info.model_id);
   $('go').addEventListener('click', generate);

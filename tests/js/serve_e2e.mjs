@@ -51,6 +51,8 @@ async function main() {
     };
     await waitFor(() => window.__serve?.ready || window.__serve?.error, 'the page to be ready');
     Object.assign(record, await page.evaluate(() => ({ caps: window.__serve.caps, load_error: window.__serve.error,
+      default_choice: window.__serve.default_choice ?? null,
+      selected: { device: document.getElementById('device').value, dtype: document.getElementById('dtypeA').value },
       caps_text: document.getElementById('caps').textContent,
       dtype_options: [...document.querySelectorAll('#dtypeA option')].map((o) => o.value),
       threads: window.__serve.caps && Number((document.getElementById('caps').textContent.match(/wasm threads: (\d+)/) ?? [])[1]) })));
