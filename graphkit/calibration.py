@@ -188,7 +188,6 @@ def collect_stats(model_path: Path, sequences: list[list[int]], out: Path, full_
     segments = plan_segments(g, acts, segment_bytes)
     types = _value_types(model)
     graph_inputs = {i.name for i in g.input}
-    seg_of = {o: k for k, seg in enumerate(segments) for i in seg for o in g.node[i].output}
     last_seg: dict[str, int] = {}
     for k, seg in enumerate(segments):
         for i in seg:

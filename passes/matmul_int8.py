@@ -523,7 +523,7 @@ class MatMulInt8Pass(GraphPass):
                    f"weights, {len(dql_for)} {'per-token activation quantizers' if per_token else 'DynamicQuantizeLinear'}, "
                    f"{stats['shared_dql']} shared)"
                    + (f", {stats['gathers']} embedding Gather int8 per-row" if stats["gathers"] else "")
-                   + (f", lm_head reads the int8 embedding table" if stats["tied_lm_head_shared"] else ""))
+                   + (", lm_head reads the int8 embedding table" if stats["tied_lm_head_shared"] else ""))
         details = dict(stats, activation_quantizers=len(dql_for), matmul_integer=total, skipped=skipped,
                        removed_initializers=removed, per_channel=opt.per_channel, lm_head=opt.lm_head,
                        activations=opt.activations)

@@ -35,7 +35,7 @@ the packed graph: do not use this pass for them. The ``position_ids`` graph inpu
 
 Tolerance: the same rotary formula applied by another kernel: logits within 1e-4 of the graph before
 this pass (batch 1, prefill with past, batch 2 left-padded: prefill and decode), presents within 1e-5
-except the keys of left-padded rows (float32, tiny test models of tests/test_fusions.py).
+except the keys of left-padded rows (float32, tiny test models of tests/test_pack_gqa.py).
 
 Runtimes: onnxruntime 1.32 CPU; onnxruntime-node 1.30 and onnxruntime-web 1.31-dev wasm (the builds
 Transformers.js 4.3.1 ships) are held to it by tests. onnxruntime-web WebGPU: packed QKV with

@@ -240,9 +240,9 @@ def test_inspect_folder(tmp_path):
 
     half = _folder(tmp_path / "fp16kv")
     m = onnx.load(half / "onnx" / "model.onnx")
-    for vi in list(m.graph.input) + list(m.graph.output):
-        if "key" in vi.name or "value" in vi.name:
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for io in list(m.graph.input) + list(m.graph.output):
+        if "key" in io.name or "value" in io.name:
+            io.type.tensor_type.elem_type = TensorProto.FLOAT16
     save(m, half / "onnx" / "model_fp16.onnx")
     f = codes(inspect_path(half))
     assert f["kv-cache-dtype"]["level"] == "warning" and "kv_cache_dtype" in f["kv-cache-dtype"]["fix"]

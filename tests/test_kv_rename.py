@@ -68,17 +68,17 @@ def rename_io(model: onnx.ModelProto, mapping: dict[str, str], dims: dict[str, l
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.name in mapping:
-            vi.name = mapping[vi.name]
+    for info in list(g.input) + list(g.output) + list(g.value_info):
+        if info.name in mapping:
+            info.name = mapping[info.name]
     for n in g.node:
         for i, x in enumerate(n.input):
             n.input[i] = mapping.get(x, x)
         for i, x in enumerate(n.output):
             n.output[i] = mapping.get(x, x)
-    for vi in list(g.input) + list(g.output):
-        if dims and vi.name in dims:
-            for d, w in zip(vi.type.tensor_type.shape.dim, dims[vi.name]):
+    for info in list(g.input) + list(g.output):
+        if dims and info.name in dims:
+            for d, w in zip(info.type.tensor_type.shape.dim, dims[info.name]):
                 d.Clear()
                 if isinstance(w, int):
                     d.dim_value = w
