@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from graphkit.modelview import all_initializers, all_nodes, attr_value, tensor_array
+from graphkit.modelview import all_initializers, all_nodes, attr_value, producers, tensor_array
 from graphkit.tjs_contract import INPUT_IDS, LOGITS
 
 REQUANT_FIX = ("re-quantize from the fp32 model with per-token activation scales: `graphkit convert FOLDER -o OUT` "
@@ -57,7 +57,7 @@ def _fmt(x: float) -> str:
 
 def act_quant_findings(model: onnx.ModelProto, decoder: bool) -> list[dict]:
     nodes = all_nodes(model.graph)
-    producer = {o: n for n in nodes for o in n.output}
+    producer = producers(nodes)
 
     def from_dql(name: str) -> bool:
         for _ in range(6):
@@ -245,7 +245,7 @@ def fp16_findings(model: onnx.ModelProto, report: dict) -> list[dict]:
     if report.get("float_weights") != "float16":
         return []
     nodes = all_nodes(model.graph)
-    producer = {o: n for n in nodes for o in n.output}
+    producer = producers(nodes)
     types = _elem_types(model)
     f16 = TensorProto.FLOAT16
     var = []

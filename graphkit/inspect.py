@@ -19,7 +19,7 @@ from onnx import TensorProto
 from rich.markup import escape
 
 from graphkit.modelio import iter_tensors, load_model
-from graphkit.modelview import all_initializers, all_nodes, attr_value, tensor_array
+from graphkit.modelview import all_initializers, all_nodes, attr_value, producers, tensor_array
 from graphkit.tjs_contract import (CHUNK_LIMIT, DTYPE_SUFFIX, KNOWN_INPUTS, PAST_RE, PRESENT_RE,
                                    TJS_CONFIG, USE_EXTERNAL_DATA, external_data_pattern, split_file_name)
 
@@ -86,7 +86,7 @@ class _Graph:
         self.base_dir = base_dir
         self.nodes = all_nodes(model.graph)
         self.inits = all_initializers(model.graph)
-        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.producer = producers(self.nodes)
 
     def resolve(self, name: str) -> tuple[str | None, list[str]]:
         """Follow value-preserving ops back to an initializer: (initializer name or None, ops walked)."""

@@ -36,6 +36,12 @@ def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return out
 
 
+def producers(nodes: list[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
+    """Each output name of ``nodes`` -> the node writing it (the read-only view inspect and diagnose share;
+    passes edit through passes/_graph.Graph)."""
+    return {o: n for n in nodes for o in n.output if o}
+
+
 def all_initializers(graph: onnx.GraphProto) -> dict[str, TensorProto]:
     inits = {t.name: t for t in graph.initializer}
     for node in graph.node:

@@ -327,14 +327,13 @@ def _cast_to(node: onnx.NodeProto) -> int:
 
 def cast_round_trips(model: onnx.ModelProto, types: dict[str, int] | None = None) -> list[str]:
     """Cast pairs that convert a tensor to float32 and back to float16 (or vice versa)."""
-    g = model.graph
-    prod = {o: n for n in g.node for o in n.output}
+    graph = Graph(model, with_info=False)
     types = types if types is not None else infer_elem_types(model)
     out = []
-    for n in g.node:
+    for n in model.graph.node:
         if n.op_type != "Cast" or not n.input:
             continue
-        p = prod.get(n.input[0])
+        p = graph.producer(n.input[0])
         if p is None or p.op_type != "Cast" or not p.input:
             continue
         t0, t1, t2 = types.get(p.input[0]), _cast_to(p), _cast_to(n)
