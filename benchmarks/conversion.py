@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -63,6 +64,13 @@ def run_ours(hf: Path, out: Path, dtypes: str, extra: list[str]) -> dict:
     r["steps"] = {d["dtype"]: d["seconds"] for d in summary["dtypes"]}
     if all(d.get("peak_rss") for d in summary["dtypes"]):
         r["step_rss"] = {d["dtype"]: d["peak_rss"] for d in summary["dtypes"]}
+    r["pipelines"] = {d["dtype"]: d.get("pipeline") for d in summary["dtypes"]}  # what ran (defaults, budget plan)
+    cal = summary.get("calibration")
+    if cal and cal.get("seconds") is not None:  # the statistics pass between the export and the 4-bit dtypes
+        r["steps"] = {"calibration": cal["seconds"], **r["steps"]}
+        if "step_rss" in r:
+            r["step_rss"] = {"calibration": cal.get("peak_rss") or 0, **r["step_rss"]}
+        r["calibration"] = {k: cal.get(k) for k in ("source", "sequences", "tokens")}
     return r
 
 
@@ -140,6 +148,17 @@ def main() -> None:
             rss = f" (peak {C.mb(sorted(r['step_rss'][step] for r in rs)[len(rs) // 2])})" if "step_rss" in rs[0] else ""
             step_rows.append([c, step, f"{vals[len(vals) // 2]:.1f}{rss}"])
     from graphkit.convert import PIPELINES
+    def short(spec: str) -> str:  # the budget's include/exclude lists name hundreds of MatMuls at 1.5B: their count
+        return re.sub(r"(include|exclude)=([^,)]*)", lambda m: f"{m[1]}=<{m[2].count('|') + 1} MatMuls>", spec)
+
+    ran = ""
+    for c, rs in runs.items():  # the pipelines convert really ran (its defaults, the size budget's plan), as it records them
+        if rs[-1].get("pipelines"):
+            cal = rs[-1].get("calibration")
+            ran += (f"{labels[c]} ran: " + "; ".join(f"{d}: `{short(s) if s else 'export'}`" for d, s in rs[-1]["pipelines"].items())
+                    + (f"; calibration: {cal['source']}, {cal['sequences']} sequences, {cal['tokens']} tokens" if cal else "")
+                    + ".\n")
+    ran = ran or "Our pipelines: " + "; ".join(f"{d}: `{s or 'export'}`" for d, s in PIPELINES.items()) + ". "
     default = a.contenders == ap.get_default("contenders")
     body = f"""## Conversion, random-weight Qwen2.5-{a.size} shape{'' if default else ': ' + ', '.join(contenders)}
 
@@ -148,7 +167,7 @@ def main() -> None:
 Command: `.venv/bin/python benchmarks/conversion.py --size {a.size} --repeats {a.repeats} --contenders {','.join(contenders)}`.
 Model: `benchmarks/build_random_model.py --size {a.size}`: {build['params']:,} parameters, fp32 safetensors {C.mb(build['safetensors_bytes'])}, built in {build['seconds']} s (peak RSS {C.mb(build['peak_rss'])}); random weights and the shipped example's 2048-token tokenizer (vocab mismatch: irrelevant for speed/size).
 Medians of {a.repeats} runs, contenders alternating round-robin, each a fresh process (the anchor: three processes, times summed, peak = the largest); peak RSS is the child's own (wait4 ru_maxrss).
-Our pipelines: {'; '.join(f'{d}: `{s or "export"}`' for d, s in PIPELINES.items())}. {' '.join(notes)}
+{ran}{' '.join(notes)}
 
 {C.table(head, rows)}
 
