@@ -215,10 +215,11 @@ def main() -> None:
         fn = {"ours": "ours", "ort": "ort_gptq"}[c]
         if c == "ours":
             out, src = str(work / "ours"), str(export)
-        else:  # onnxruntime writes an augmented copy beside its input: give it hard links in our folder
+        else:  # onnxruntime writes an augmented copy beside its input: give it a copy in our folder (not hard links:
+            # onnx >= 1.19 refuses external data with several links, "a potential hardlink attack")
             (work / "ort" / "src").mkdir(parents=True, exist_ok=True)
             for f in export.parent.glob(export.name + "*"):
-                os.link(f, work / "ort" / "src" / f.name)
+                shutil.copyfile(f, work / "ort" / "src" / f.name)
             out, src = str(work / "ort" / "model_q4.onnx"), str(work / "ort" / "src" / export.name)
         r = run_limited([C.PY, __file__, "--child", fn, json.dumps({**args, "export": src, "out": out})],
                         timeout=7200 if c == "ours" else a.ort_timeout,
@@ -251,11 +252,11 @@ def main() -> None:
         rows.append(["onnxruntime GPTQ (MatMulNBitsQuantizer, block 32)", f"{r['wall_s']:.0f}", C.mb(max(r["tree_rss"], r["peak_rss"])),
                      f"{what}; CPU {r['user_s'] + r['sys_s']:.0f} s; others {r['others_cores']:.2f} cores; load avg "
                      f"{r['load'][0]:.1f}–{r['load'][2]:.1f} (mean {r['load'][1]:.1f})"])
-    body = f"""## calibration-{a.size}
+    body = f"""## Calibrated 4-bit, random-weight Qwen2.5-{a.size} shape: ours vs onnxruntime's GPTQ
 
 {C.machine()}
 
-Command: `nice -n 10 .venv/bin/python benchmarks/calibration.py --size {a.size} --samples {a.samples}`.
+Command: `.venv/bin/python benchmarks/calibration.py --size {a.size} --samples {a.samples}`.
 Input: the fp32 export of the random-weight Qwen2.5-{a.size} shape (`{export}`); calibration: the shipped example's
 `data/train.jsonl`, first {a.samples} samples (its tokenizer is the random folder's). Peak RSS: per step VmHWM
 (reset per step, as `graphkit convert --json` reports it); "whole child": the larger of the polled RSS sum of its process tree and its ru_maxrss.
