@@ -116,6 +116,8 @@ def ort_gptq(export: str, hf: str, samples: int, out: str) -> dict:
         ids = np.array([s], np.int64)
         f = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(s), dtype=np.int64)[None]}
         f.update({n: np.zeros(shape, np.float32) for n, shape in past.items()})
+        if any(i.name == "num_logits_to_keep" for i in g.input):  # convert's default fp32 (logits-to-keep): 0 = every row
+            f["num_logits_to_keep"] = np.array(0, np.int64)
         feeds.append(f)
 
     class Reader(CalibrationDataReader):

@@ -51,6 +51,8 @@ def ort_variant(src: str, out: str, algo: str, seqs: list | None = None) -> dict
                     if "position_ids" in r.inputs:
                         feed["position_ids"] = np.arange(len(s), dtype=np.int64)[None]
                     feed.update(r.empty_past(1))
+                    if "num_logits_to_keep" in r.inputs:  # convert's default fp32 (logits-to-keep): 0 = every row
+                        feed["num_logits_to_keep"] = np.array(0, np.int64)
                     self.items.append(feed)
                 self.it = iter(self.items)
 
