@@ -109,6 +109,14 @@ def usage_markdown(folder: Path, dtypes: list[str] | None = None, output: Path |
     dtypes = [d for d in dtypes if d in DTYPE_FILES]  # Transformers.js dtypes only (w4 loads as docs/w4.md shows)
     targets = folder_targets(src)
     folder = Path(output) if output else src
+    if not dtypes:  # e.g. `convert --dtypes w4`: no file Transformers.js loads by dtype, so no snippet to give
+        return (f"""# Using {folder.name} in an app
+
+This folder has no file Transformers.js loads by `dtype` (model.onnx, model_fp16.onnx, model_q4.onnx,
+model_q4f16.onnx, model_quantized.onnx). `onnx/model_w4.onnx` + `onnx/model_w4.w4bin` are expanded by `w4.mjs`
+before the session is created: see graphkit's docs/w4.md ("How to load it"), or convert with a Transformers.js dtype
+beside w4 (`--dtypes q8,w4`) to get the snippet.
+""", "")
     code = snippet(folder.name, dtypes, targets)
     pick = pick_dtypes(dtypes)
     md = f"""# Using {folder.name} in an app

@@ -73,3 +73,12 @@ def test_convert_summary_prints_the_snippet(tmp_path, monkeypatch):
     text = buf.getvalue()
     assert "USAGE.md" in text and f"graphkit serve {folder}" in text
     assert "from '@huggingface/transformers'" in text and "AutoModelForCausalLM.from_pretrained(MODEL, { device, dtype })" in text
+
+
+def test_a_folder_without_transformersjs_dtypes_gets_a_note_not_a_crash(tmp_path):
+    """`convert --dtypes w4` writes only model_w4.onnx (no Transformers.js dtype): USAGE.md says how to load it
+    instead of indexing an empty dtype list (which failed at the end of a 1.5B convert)."""
+    folder = _folder(tmp_path, ["model_w4.onnx"])
+    code = write_usage(folder, ["w4"])
+    md = (folder / "USAGE.md").read_text()
+    assert code == "" and "docs/w4.md" in md and "--dtypes q8,w4" in md
