@@ -154,6 +154,7 @@ try {
 
 
 @pytest.mark.js
+@pytest.mark.parametrize("tiny_export", ["dynamo", "torchscript"], indirect=True)  # Qwen2 only: one architecture
 @pytest.mark.parametrize("packed", [False, True], ids=["split-qkv", "pack-gqa"])
 @pytest.mark.parametrize("variant", ["fp32", "q4f16"])
 def test_fused_model_runs_in_transformersjs_runtimes(tiny_export, tmp_path, variant, packed):
@@ -174,8 +175,6 @@ def test_fused_model_runs_in_transformersjs_runtimes(tiny_export, tmp_path, vari
     if shutil.which("node") is None or not (modules / "onnxruntime-web").is_dir():
         pytest.skip("node or tests/js/node_modules (scripts/setup.sh) missing")
     name, model, layers = tiny_export
-    if name.startswith("llama"):
-        pytest.skip("one architecture is enough here")
     m = copy_model(model)
     for step in ("rmsnorm", "rotary", "gqa") + (("pack-matmul", "pack-gqa") if packed else ()):
         res = FUSIONS[step]()(m)
