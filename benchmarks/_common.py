@@ -260,6 +260,44 @@ def fresh_dir(path: Path) -> Path:
 
 # ------------------------------------------------------------------------------ the anchor recipe
 
+def ort_gptq_reader(model_path: str, seqs: list[list[int]]):
+    """onnxruntime's ``CalibrationDataReader`` for its GPTQ on our decoder export: one prefill feed per sequence
+    (batch 1, empty KV cache, ``num_logits_to_keep`` = 0 = every row where convert's default export has it). Built
+    from the graph's declared inputs, without a session (a 1.5B fp32 session would hold 6 GB just to list them)."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+    from onnxruntime.quantization import CalibrationDataReader
+    inputs = {i.name: i.type.tensor_type for i in onnx.load(model_path, load_external_data=False).graph.input}
+    feeds = []
+    for s in seqs:
+        ids = np.array([s], np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.arange(len(s), dtype=np.int64)[None]
+        if "num_logits_to_keep" in inputs:
+            feed["num_logits_to_keep"] = np.array(0, np.int64)
+        for name, t in inputs.items():
+            if name.startswith("past_"):  # [batch 1, heads, 0 past positions, head size]
+                shape = [d.dim_value if d.HasField("dim_value") else (1 if k == 0 else 0) for k, d in enumerate(t.shape.dim)]
+                feed[name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(t.elem_type))
+        feeds.append(feed)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+        def rewind(self):
+            self.it = iter(feeds)
+
+        def __deepcopy__(self, memo):  # the quantizer deep-copies its config: share the feeds, not copy them
+            return Reader()
+    return Reader()
+
+
 def anchor_export(model_dir: str, out: str, adapter: str | None = None) -> dict:
     """Legacy ``torch.onnx.export(dynamo=False, opset 17, constant folding)`` of the (merged) model,
     then ``onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True)`` if > 2 GB."""

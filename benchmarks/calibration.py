@@ -103,35 +103,11 @@ def ours(export: str, hf: str, samples: int, out: str) -> dict:
 
 def ort_gptq(export: str, hf: str, samples: int, out: str) -> dict:
     """Child: onnxruntime's GPTQ on the same export and sequences (block 32, its defaults otherwise)."""
-    import numpy as np
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
-    seqs = _sequences(hf, samples)
-    g = onnx.load(export, load_external_data=False).graph
-    past = {i.name: [d.dim_value if d.HasField("dim_value") else (1 if k == 0 else 0)
-                     for k, d in enumerate(i.type.tensor_type.shape.dim)] for i in g.input if i.name.startswith("past_")}
-    feeds = []
-    for s in seqs:
-        ids = np.array([s], np.int64)
-        f = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(s), dtype=np.int64)[None]}
-        f.update({n: np.zeros(shape, np.float32) for n, shape in past.items()})
-        if any(i.name == "num_logits_to_keep" for i in g.input):  # convert's default fp32 (logits-to-keep): 0 = every row
-            f["num_logits_to_keep"] = np.array(0, np.int64)
-        feeds.append(f)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-        def rewind(self):
-            self.it = iter(feeds)
+    reader = C.ort_gptq_reader(export, _sequences(hf, samples))
     t0 = time.perf_counter()
     q = MatMulNBitsQuantizer(export, block_size=32,
-                             algo_config=GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=32))
+                             algo_config=GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=32))
     q.process()
     secs = time.perf_counter() - t0
     q.model.save_model_to_file(out, use_external_data_format=True)

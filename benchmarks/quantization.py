@@ -37,36 +37,7 @@ def ort_variant(src: str, out: str, algo: str, seqs: list | None = None) -> dict
                                                                  MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig)
     t0 = time.perf_counter()
     if algo == "gptq":
-        import numpy as np
-        from onnxruntime.quantization import CalibrationDataReader
-        from graphkit.ortrun import DecoderRunner
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                r = DecoderRunner.from_file(src)
-                self.items = []
-                for s in seqs:
-                    ids = np.array([s], np.int64)
-                    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-                    if "position_ids" in r.inputs:
-                        feed["position_ids"] = np.arange(len(s), dtype=np.int64)[None]
-                    feed.update(r.empty_past(1))
-                    if "num_logits_to_keep" in r.inputs:  # convert's default fp32 (logits-to-keep): 0 = every row
-                        feed["num_logits_to_keep"] = np.array(0, np.int64)
-                    self.items.append(feed)
-                self.it = iter(self.items)
-
-            def get_next(self):
-                return next(self.it, None)
-
-            def rewind(self):
-                self.it = iter(self.items)
-
-            def __deepcopy__(self, memo):
-                new = Reader.__new__(Reader)
-                new.items, new.it = self.items, iter(self.items)
-                return new
-        cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=32)
+        cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=C.ort_gptq_reader(src, seqs), block_size=32)
     else:
         cfg = {"default": DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True), "rtn": RTNWeightOnlyQuantConfig(),
                "hqq": HQQWeightOnlyQuantConfig(block_size=32), "k_quant": KQuantWeightOnlyQuantConfig()}[algo]
