@@ -267,20 +267,59 @@ def collect_stats(model_path: Path, sequences: list[list[int]], out: Path, full_
     return meta
 
 
+# weight-only 8-bit, block 32, float activations (accuracy_level 4 = int8 per 32-element block of each row): the
+# sampler's own error stays far below the q8 dtype's, whose per-token activation quantization measurably changed
+# what the 4-bit files learnt from the samples (held-out answers = fp32 on the example: 16, 16, 22 of 24 over three
+# seeds sampled via q8's form, vs 23, 21, 22 from fp32 and 23, 22, 19 from this form)
+SAMPLER_PIPELINE = ("logits-to-keep,tied-embedding(bits=8,block_size=32,accuracy_level=4),"
+                    "matmul-nbits(bits=8,block_size=32,accuracy_level=4)")
+
+
+def build_sampler(model_path: Path, dest: Path) -> Path:
+    """An 8-bit copy of the fp32 export to sample calibration sequences from (``SAMPLER_PIPELINE``: weight-only
+    8-bit, logits for the last position only). Why not the fp32 model itself: token-by-token generation needs
+    every layer per token, so its session holds all the float weights at once (1.5B: 8.56 GB peak RSS, over the
+    6.2 GB the calibrated conversion is held to; docs/memory.md); the 8-bit copy holds about a quarter of the
+    bytes. Weights are read lazily and new ones spill to disk beside ``dest``, as in every convert step."""
+    from graphkit import tensors
+    from graphkit.modelio import load_model, save_model
+    from graphkit.pipeline import parse_spec, run_passes
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tensors.spill_to(dest.parent / ".sampler-spill", f"building the calibration sampler {dest}"):
+        model, _ = run_passes(load_model(model_path, load_external="lazy"), parse_spec(SAMPLER_PIPELINE))
+        save_model(model, dest)
+        del model
+    return dest
+
+
 def self_generated_sequences(model_path: Path, prefix: list[int], n: int = 32, length: int = 96, seed: int = 0,
-                             temperature: float = 1.0, batch: int = 16) -> list[list[int]]:
-    """Calibration without data: ``n`` sequences sampled from the fp32 model itself after ``prefix`` (the
-    chat template's opening of a user turn), so the statistics follow the model's own distribution and no
-    evaluation prompt is seen. Batched (all rows share the prefix: no padding); deterministic per seed."""
+                             temperature: float = 1.0, batch: int = 16, sampler: bool = True) -> list[list[int]]:
+    """Calibration without data: ``n`` sequences sampled from the model itself after ``prefix`` (the chat
+    template's opening of a user turn), so the statistics follow the model's own distribution and no evaluation
+    prompt is seen. ``sampler`` (default): from an 8-bit copy of the fp32 export (``build_sampler``, built in a
+    temporary folder beside ``model_path`` and removed), which keeps the step's memory near a 4-bit dtype's;
+    False samples ``model_path`` as it is (prepacking off: float weights stay in onnxruntime's memory map).
+    Batched (all rows share the prefix: no padding); deterministic per seed."""
+    model_path = Path(model_path)
+    if sampler:
+        with tempfile.TemporaryDirectory(prefix=".sampler-", dir=model_path.parent) as tmp:
+            return _sample(build_sampler(model_path, Path(tmp) / "sampler.onnx"), prefix, n, length, seed,
+                           temperature, batch, prepack=True)
+    return _sample(model_path, prefix, n, length, seed, temperature, batch, prepack=False)
+
+
+def _sample(model_path: Path, prefix: list[int], n: int, length: int, seed: int, temperature: float, batch: int,
+            prepack: bool) -> list[list[int]]:
     from graphkit.ortrun import DecoderRunner, log_softmax
-    runner = DecoderRunner.from_file(model_path, prepack=False)
+    # prepacking: MatMulNBits' fast kernel needs its packed layout, and onnxruntime frees what it packed
+    runner = DecoderRunner.from_file(model_path, prepack=prepack)
     rng = np.random.default_rng(seed)
     out: list[list[int]] = []
     while len(out) < n:
         b = min(batch, n - len(out))
         ids = np.array([prefix] * b, np.int64)
         mask = np.ones_like(ids)
-        res = runner.step(ids, mask, runner.empty_past(b))
+        res = runner.step(ids, mask, runner.empty_past(b), logits_to_keep=1)
         seqs = [list(prefix) for _ in range(b)]
         for _ in range(length):
             logp = log_softmax(res.logits[:, -1] / temperature)
@@ -291,7 +330,7 @@ def self_generated_sequences(model_path: Path, prefix: list[int], n: int = 32, l
             for row, t in zip(seqs, nxt):
                 row.append(int(t))
             mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-            res = runner.step(nxt[:, None].astype(np.int64), mask, res.present)
+            res = runner.step(nxt[:, None].astype(np.int64), mask, res.present, logits_to_keep=1)
         out.extend(seqs)
     return out
 

@@ -181,9 +181,12 @@ def test_default_4bit_beats_round_to_nearest(converted, golden, tmp_path):
 
 HELD_OUT = ROOT / "graphkit" / "examples" / "epicrisis-tiny" / "data" / "validation.jsonl"
 # Pinned with margin from benchmarks/RESULTS.md `quantization-methods` (the "convert's default" rows, 1.5x):
-# facts kept must be all of fp32's; answers equal to fp32's on at least this many of the 24 (measured q4 22,
-# q4f16 23); KL over the held-out answers at most this (measured q4 7.9e-5, q4f16 9.2e-5).
-HELD_OUT_BARS = {"q4": {"answers": 19, "kl": 2.0e-4}, "q4f16": {"answers": 19, "kl": 2.5e-4}}
+# facts kept must be all of fp32's; KL over the held-out answers at most this (measured q4 4.0e-5, q4f16 8.0e-5).
+# Answers equal to fp32's on at least this many of the 24: a noisy count (one near-tie in a long greedy answer
+# flips a case), so the bar sits below what every calibration seed measured — the default sampler, seeds 0-4:
+# q4 18, 23, 23, 22, 23 and q4f16 20, 21, 21, 20, 18 at nearly equal KL (sampling from the fp32 model itself,
+# seeds 0-2: q4 22, 22, 21, q4f16 23, 21, 22). KL is the bar that tells GPTQ from RTN (RTN answers q4 20, q4f16 3).
+HELD_OUT_BARS = {"q4": {"answers": 17, "kl": 2.0e-4}, "q4f16": {"answers": 17, "kl": 2.5e-4}}
 
 
 def _ort_4bit(src: Path, out: Path, algo: str) -> Path:
