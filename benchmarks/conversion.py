@@ -11,7 +11,8 @@ ru_maxrss = GNU time's "Maximum resident set size"):
 * ``ours3``  the same with ``--dtypes fp32,q4,q4f16``: the anchor's output set, for a like-for-like ratio;
 * optional: ``ours-fuse`` (``--fuse``: fused RMSNorm/rotary/GQA contrib ops, all five dtypes),
   ``ours-fp32`` (``--dtypes fp32``: the export alone) and ``ours-ts`` (the same with
-  ``--exporter torchscript``): diagnostics for where our time and memory go;
+  ``--exporter torchscript``): diagnostics for where our time and memory go; ``ours-data``
+  (``--calibration`` the example's train.jsonl, 64 samples: the calibrated path on the user's data, all five dtypes);
 * ``anchor`` the recipe Transformers.js users follow, three processes (times add up, peak = max):
   legacy ``torch.onnx.export(dynamo=False, opset 17)`` + one external data file when > 2 GB;
   ``MatMulNBitsQuantizer(block_size=32, is_symmetric=True)``; ``convert_float_to_float16(keep_io_types=True)``;
@@ -39,6 +40,8 @@ ALL_DTYPES = "fp32,fp16,q4,q4f16,q8"
 # our variants: name → (dtypes, extra CLI args, output folder, label)
 OURS = {"ours": (ALL_DTYPES, [], "ours", "(all five dtypes)"),
         "ours3": ("fp32,q4,q4f16", [], "ours3", "--dtypes fp32,q4,q4f16"),
+        "ours-data": (ALL_DTYPES, ["--calibration", str(C.EXAMPLE / "data" / "train.jsonl")], "ours-data",
+                      "--calibration train.jsonl (the example's fine-tuning data, 64 samples; all five dtypes)"),
         "ours-fuse": (ALL_DTYPES, ["--fuse"], "ours-fuse", "--fuse (all five dtypes)"),
         "ours-fp32": ("fp32", [], "ours-fp32", "--dtypes fp32 (the export alone)"),
         "ours-nostream": (ALL_DTYPES, ["--no-stream"], "ours-nostream", "--no-stream (in-memory export, all five dtypes)"),
@@ -104,7 +107,7 @@ def main() -> None:
     ap.add_argument("--size", default="0.5b", choices=sorted(B.SIZES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--contenders", default="ours,ours3,anchor,genai",
-                    help="any of ours, ours3, ours-fuse, ours-fp32, ours-ts, ours-nostream, anchor, genai (another set: its own section)")
+                    help="any of ours, ours3, ours-data, ours-fuse, ours-fp32, ours-ts, ours-nostream, anchor, genai (another set: its own section)")
     ap.add_argument("--from-runs", type=Path, default=None,
                     help="re-render the section from a stored conversion-runs-*.json of the same --size/--contenders")
     a = ap.parse_args()
@@ -136,7 +139,7 @@ def main() -> None:
     if not a.from_runs:
         (base / f"conversion-runs-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
             json.dumps({c: [{k: v for k, v in r.items() if k not in ("stdout", "stderr")} for r in rs] for c, rs in runs.items()}, indent=1))
-    for c in ("ours3", "ours-fp32", "ours-ts", "ours-nostream"):  # same files as ours (or diagnostics): keep the disk free
+    for c in ("ours3", "ours-data", "ours-fp32", "ours-ts", "ours-nostream"):  # same files as ours (or diagnostics): keep the disk free
         shutil.rmtree(outs[c], ignore_errors=True)
 
     labels = {c: f"ours: `graphkit convert` {OURS[c][3]}" for c in OURS}

@@ -479,6 +479,13 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             step("agreement with fp32 on the default prompts")
             _agreement(tmp, results, output, torch_free=source is not None)
         _swap_into_place(tmp, output)
+        # the whole run's peak: each step reset the high-water mark, so it is the largest of the steps' own peaks
+        # (and of what the last reset saw: the last step plus the agreement check)
+        step_peaks = {"export": export_peak, "agreement and last step": peak_rss(),
+                      **({"calibration": calib_info.get("peak_rss")} if calib_info else {}),
+                      **{r.dtype: r.peak_rss for r in results}}
+        step_peaks = {k: v for k, v in step_peaks.items() if v}
+        run_peak = max(step_peaks.items(), key=lambda kv: kv[1]) if step_peaks else None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -486,6 +493,7 @@ def convert(model_dir: Path, output: Path, adapter_dir: Path | None = None, dtyp
             "onnx_source": str(source) if source is not None else None,
             "exporter": exporter, "fused": fuse, "target": target, "logits_to_keep": logits_to_keep,
             "total_s": round(time.perf_counter() - t_start, 2),
+            "peak_rss": run_peak[1] if run_peak else None, "peak_rss_step": run_peak[0] if run_peak else None,
             "calibration": None if calib_info is None else {k: v for k, v in calib_info.items() if k != "stats"},
             "ok": all(r.ok for r in results), "dtypes": [asdict(r) for r in results]}
 
@@ -665,6 +673,9 @@ def render(summary: dict) -> None:
     out.print(table)
     out.print("top-1 agreement and KL: teacher-forced against the fp32 model on the default prompts; "
               "peak RSS: the process's highest resident memory during that step (fp32: the export)", markup=False)
+    if summary.get("peak_rss"):
+        out.print(f"peak RSS of the whole run: {fmt_bytes(summary['peak_rss'])} (in {summary['peak_rss_step']})",
+                  markup=False)
     for d in summary["dtypes"]:
         if not d["ok"]:
             out.print(f"[red]{d['dtype']} failed:[/] {escape(d['error'] or '')}", soft_wrap=True)

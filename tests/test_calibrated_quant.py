@@ -270,3 +270,15 @@ def test_converted_records_a_stable_calibration(converted):
     for d in summary["dtypes"]:
         if d["dtype"] in ("q4", "q4f16"):
             assert "calibration={calibration}" in d["pipeline"] and ".npz" not in d["pipeline"], d["pipeline"]
+
+
+@pytest.mark.slow
+def test_converted_reports_the_whole_runs_peak(converted):
+    """convert --json's top-level peak_rss is the whole run's: each step resets the high-water mark (its own peak
+    per dtype), so the run's peak is the largest of them — the calibration step's included — and names that step."""
+    _, summary = converted
+    steps = {d["dtype"]: d["peak_rss"] for d in summary["dtypes"] if d.get("peak_rss")}
+    steps["calibration"] = summary["calibration"]["peak_rss"]
+    assert steps and all(v for v in steps.values()), steps
+    assert summary["peak_rss"] >= max(steps.values()), (summary["peak_rss"], steps)
+    assert summary["peak_rss_step"] in {*steps, "export", "agreement and last step"}
