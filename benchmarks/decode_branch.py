@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Prototype (issue 18): one q8 file whose decode steps run a different graph from its prefill.
+
+    .venv/bin/python benchmarks/decode_branch.py build FP32.onnx OUT.onnx [--decode SPEC] [--prefill SPEC] [--singles DIR]
+    .venv/bin/python benchmarks/decode_branch.py check FOLDER_WITH_fp32 IF.onnx PREFILL.onnx DECODE.onnx
+
+At decode (``input_ids`` of sequence length 1) a per-tensor activation scale *is* a per-token scale, so the
+DynamicQuantizeLinear form (which onnxruntime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat) loses
+nothing there, while prefill needs today's per-token form (one massive-activation token would set a shared scale).
+``build`` runs both pipelines through graphkit's own machinery (``parse_spec`` / ``run_passes``, sharing their
+common prefix), then merges the two graphs into one ``If``::
+
+    cond = Equal(Shape(input_ids, start=1, end=2), [1])
+    logits, present.* = If(cond, then_branch = decode graph, else_branch = prefill graph)
+
+Both branches read the same outer-scope initializers: tensors of equal name are stored once (their contents are
+compared; a name whose contents differ is renamed in the decode branch and stored twice, reported). Every value a
+branch computes is prefixed (``decode/``, ``prefill/``) so no name shadows an outer-scope one. Graph inputs and
+outputs are the single-form files', so Transformers.js sees the same interface.
+
+``check`` runs Python onnxruntime on the shipped example: the If file's prefill logits against the prefill-form
+file's, its decode-step logits against the decode-form file's (same past fed to both), and greedy tokens of all
+three against fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from graphkit import tensors  # noqa: E402
+from graphkit.modelio import load_model, save_model  # noqa: E402
+from graphkit.pipeline import parse_spec, run_passes  # noqa: E402
+from passes._graph import fresh_name, rename_in_nodes, taken_names  # noqa: E402
+
+PREFILL_SPEC = "logits-to-keep,fuse-rmsnorm,fuse-rotary(max_positions={P}),pack-matmul,matmul-int8(quantize_embedding_gather=true)"
+DECODE_SPECS = {
+    "dql": "logits-to-keep,fuse-rmsnorm,fuse-rotary(max_positions={P}),pack-matmul,"
+           "matmul-int8(quantize_embedding_gather=true,activations=per-tensor)",
+    "dql-gqa": "logits-to-keep,fuse-rmsnorm,fuse-rotary(max_positions={P}),fuse-gqa(padding=bias),pack-matmul,pack-gqa,"
+               "matmul-int8(quantize_embedding_gather=true,activations=per-tensor)",
+}
+
+
+def _shared_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n].describe() == b[n].describe():
+        n += 1
+    return n
+
+
+def run_two(fp32: Path, decode_spec: str, prefill_spec: str, log=print) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(decode model, prefill model) from the fp32 export; their common leading passes run once."""
+    dp, pp = parse_spec(decode_spec), parse_spec(prefill_spec)
+    n = _shared_prefix(dp, pp)
+    rep = lambda r: log("   " + r.line())  # noqa: E731
+    base = load_model(fp32, load_external="lazy")
+    if n:
+        base, _ = run_passes(base, dp[:n], on_report=rep)
+    log(f"prefill: {', '.join(p.describe() for p in pp[n:])}")
+    prefill, _ = run_passes(base, pp[n:], on_report=rep, keep_input=True)
+    log(f"decode: {', '.join(p.describe() for p in dp[n:])}")
+    decode, _ = run_passes(base, dp[n:], on_report=rep, keep_input=True)
+    return decode, prefill
+
+
+def _same_tensor(a: TensorProto, b: TensorProto) -> bool:
+    return (a.data_type == b.data_type and list(a.dims) == list(b.dims)
+            and tensors.read_bytes(a) == tensors.read_bytes(b))
+
+
+def _branch(model: onnx.ModelProto, prefix: str, init_map: dict[str, str], name: str) -> onnx.GraphProto:
+    """``model``'s nodes as an If branch: computed values prefixed, initializers read from the outer scope
+    (renamed per ``init_map``), outputs the renamed graph outputs."""
+    g = model.graph
+    outer = {i.name for i in g.input} | {t.name for t in g.initializer}
+    m = {o: prefix + o for n in g.node for o in n.output if o and o not in outer}
+    m.update(init_map)
+    nodes = [onnx.NodeProto() for _ in g.node]
+    for dst, src in zip(nodes, g.node):
+        dst.CopyFrom(src)
+        if dst.name:
+            dst.name = prefix + dst.name
+    rename_in_nodes(nodes, m)
+    outs = []
+    for o in g.output:
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(o)
+        vi.name = m.get(o.name, o.name)
+        outs.append(vi)
+    vis = []
+    for v in g.value_info:
+        if v.name in m:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(v)
+            vi.name = m[v.name]
+            vis.append(vi)
+    return helper.make_graph(nodes, name, [], outs, value_info=vis)
+
+
+def merge(decode: onnx.ModelProto, prefill: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """One model: If(seq_len == 1, decode graph, prefill graph), initializers shared by name where equal."""
+    dg, pg = decode.graph, prefill.graph
+    sig = lambda vs: [(v.name, v.type.SerializeToString()) for v in vs]  # noqa: E731
+    if sig(dg.input) != sig(pg.input) or [o.name for o in dg.output] != [o.name for o in pg.output]:
+        raise SystemExit("the two graphs differ in inputs/outputs; cannot branch them")
+    if decode.functions or prefill.functions:
+        raise SystemExit("model-local functions are not handled")
+    p_inits = {t.name: t for t in pg.initializer}
+    taken = taken_names(pg) | taken_names(dg)
+    init_map: dict[str, str] = {}
+    shared = renamed = 0
+    shared_bytes = extra_bytes = 0
+    outer_inits = list(pg.initializer)
+    for t in dg.initializer:
+        p = p_inits.get(t.name)
+        if p is not None and _same_tensor(t, p):
+            shared += 1
+            shared_bytes += tensors.nbytes(t)
+            continue
+        new = t
+        if p is not None:  # same name, other contents: keep both
+            new = TensorProto()
+            new.CopyFrom(t)
+            new.name = fresh_name(t.name + "_decode", taken)
+            taken.add(new.name)
+            init_map[t.name] = new.name
+            renamed += 1
+        extra_bytes += tensors.nbytes(t)
+        outer_inits.append(new)
+    then_g = _branch(decode, "decode/", init_map, "decode_step")
+    else_g = _branch(prefill, "prefill/", {}, "prefill")
+    cond_nodes = [
+        helper.make_node("Shape", ["input_ids"], ["branch/seq_len"], name="branch/Shape", start=1, end=2),
+        helper.make_node("Equal", ["branch/seq_len", "branch/one"], ["branch/is_decode"], name="branch/Equal"),
+        helper.make_node("If", ["branch/is_decode"], [o.name for o in pg.output], name="branch/If",
+                         then_branch=then_g, else_branch=else_g),
+    ]
+    outer_inits.append(helper.make_tensor("branch/one", TensorProto.INT64, [1], [1]))
+    graph = helper.make_graph(cond_nodes, pg.name or "main", list(pg.input), list(pg.output), outer_inits)
+    opsets: dict[str, int] = {}
+    for op in list(prefill.opset_import) + list(decode.opset_import):
+        opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              ir_version=max(prefill.ir_version, decode.ir_version),
+                              producer_name=prefill.producer_name or "graphkit")
+    for p in prefill.metadata_props:
+        model.metadata_props.add().CopyFrom(p)
+    return model, {"shared_initializers": shared, "shared_mb": round(shared_bytes / 2**20, 2),
+                   "renamed_initializers": renamed, "decode_only_mb": round(extra_bytes / 2**20, 2)}
+
+
+def build(fp32: Path, out: Path, decode_spec: str, prefill_spec: str, singles: Path | None = None) -> dict:
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="decode-branch-", dir=str(out.parent)) as tmp, \
+            tensors.spill_to(Path(tmp) / ".spill", f"building {out}"):
+        decode, prefill = run_two(fp32, decode_spec, prefill_spec)
+        if singles:
+            save_model(decode, singles / "decode.onnx")
+            save_model(prefill, singles / "prefill.onnx")
+        model, info = merge(decode, prefill)
+        files = save_model(model, out)
+    info.update(seconds=round(time.perf_counter() - t0, 1), bytes=sum(f.stat().st_size for f in files),
+                files=[str(f) for f in files])
+    print(json.dumps(info))
+    return info
+
+
+# ------------------------------------------------------------------------------------ check (Python onnxruntime)
+
+def _prompt(n: int = 24, vocab: int = 1000) -> list[int]:
+    return [int(x) for x in np.random.default_rng(0).integers(0, vocab, n)]
+
+
+def check_files(fp32: Path, if_file: Path, prefill_file: Path, decode_file: Path, new_tokens: int = 12,
+                prompt_len: int = 24) -> dict:
+    from graphkit.ortrun import DecoderRunner
+    r_if, r_pre, r_dec, r_ref = (DecoderRunner.from_file(p) for p in (if_file, prefill_file, decode_file, fp32))
+    vocab = int(r_ref.session.get_outputs()[0].shape[-1]) if isinstance(r_ref.session.get_outputs()[0].shape[-1], int) else 1000
+    prompt = _prompt(prompt_len, min(vocab, 1000))
+    ids = np.array([prompt], np.int64)
+    mask = np.ones_like(ids)
+    # prefill (all positions' logits): If file vs prefill-form file
+    a = r_if.step(ids, mask, r_if.empty_past(1), logits_to_keep=0)
+    b = r_pre.step(ids, mask, r_pre.empty_past(1), logits_to_keep=0)
+    res = {"prefill_max_abs_diff": float(np.abs(a.logits - b.logits).max()),
+           "prefill_present_max_abs_diff": max(float(np.abs(a.present[k] - b.present[k]).max()) for k in a.present)}
+    # one decode step on the same past (the prefill-form file's): If file vs decode-form file
+    nxt = np.array([[int(np.argmax(b.logits[0, -1]))]], np.int64)
+    mask2 = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+    c = r_if.step(nxt, mask2, b.present, logits_to_keep=1)
+    d = r_dec.step(nxt, mask2, b.present, logits_to_keep=1)
+    e = r_pre.step(nxt, mask2, b.present, logits_to_keep=1)
+    res["decode_max_abs_diff_vs_decode_form"] = float(np.abs(c.logits - d.logits).max())
+    res["decode_max_abs_diff_vs_prefill_form"] = float(np.abs(c.logits - e.logits).max())
+    res["decode_present_max_abs_diff"] = max(float(np.abs(c.present[k] - d.present[k]).max()) for k in c.present)
+    greedy = {}
+    for name, r in (("fp32", r_ref), ("if", r_if), ("prefill_form", r_pre), ("decode_form", r_dec)):
+        greedy[name] = r.greedy(prompt, new_tokens)[0]
+    res["greedy"] = greedy
+    res["greedy_if_equals_fp32_prefix"] = next((i for i, (x, y) in enumerate(zip(greedy["if"], greedy["fp32"])) if x != y),
+                                               new_tokens)
+    print(json.dumps(res))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("fp32", type=Path)
+    b.add_argument("out", type=Path)
+    b.add_argument("--decode", default="dql", help=f"a pass spec or one of {', '.join(DECODE_SPECS)}")
+    b.add_argument("--prefill", default=PREFILL_SPEC)
+    b.add_argument("--max-positions", type=int, default=32768)
+    b.add_argument("--singles", type=Path, help="also save decode.onnx and prefill.onnx here")
+    c = sub.add_parser("check")
+    c.add_argument("fp32", type=Path)
+    c.add_argument("if_file", type=Path)
+    c.add_argument("prefill_file", type=Path)
+    c.add_argument("decode_file", type=Path)
+    c.add_argument("--new-tokens", type=int, default=12)
+    args = ap.parse_args()
+    if args.cmd == "build":
+        fmt = lambda s: s.replace("{P}", str(args.max_positions))  # noqa: E731
+        build(args.fp32, args.out, fmt(DECODE_SPECS.get(args.decode, args.decode)), fmt(args.prefill), args.singles)
+    else:
+        check_files(args.fp32, args.if_file, args.prefill_file, args.decode_file, args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()
