@@ -13,10 +13,11 @@ common prefix), then merges the two graphs into one ``If``::
     cond = Equal(Shape(input_ids, start=1, end=2), [1])
     logits, present.* = If(cond, then_branch = decode graph, else_branch = prefill graph)
 
-Both branches read the same outer-scope initializers: tensors of equal name are stored once (their contents are
-compared; a name whose contents differ is renamed in the decode branch and stored twice, reported). Every value a
-branch computes is prefixed (``decode/``, ``prefill/``) so no name shadows an outer-scope one. Graph inputs and
-outputs are the single-form files', so Transformers.js sees the same interface.
+The merge is ``passes/decode_branch.py``'s (the ``decode-branch`` pass): both branches read the same outer-scope
+initializers (equal names stored once after comparing their bytes; a name whose contents differ is renamed and
+stored twice, reported), every value a branch computes is prefixed, graph inputs and outputs are the single-form
+files', so Transformers.js sees the same interface. This script runs the two pipelines from the fp32 export with
+their common prefix once, and saves the single-form files beside it (``--singles``) for ``check``.
 
 ``check`` runs Python onnxruntime on the shipped example: the If file's prefill logits against the prefill-form
 file's, its decode-step logits against the decode-form file's (same past fed to both), and greedy tokens of all
@@ -33,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from graphkit import tensors  # noqa: E402
 from graphkit.modelio import load_model, save_model  # noqa: E402
 from graphkit.pipeline import parse_spec, run_passes  # noqa: E402
-from passes._graph import fresh_name, rename_in_nodes, taken_names  # noqa: E402
+from passes.decode_branch import merge  # noqa: E402  (the pass's own merge: one code path)
 
 PREFILL_SPEC = "logits-to-keep,fuse-rmsnorm,fuse-rotary(max_positions={P}),pack-matmul,matmul-int8(quantize_embedding_gather=true)"
 DECODE_SPECS = {
@@ -74,92 +74,6 @@ def run_two(fp32: Path, decode_spec: str, prefill_spec: str, log=print) -> tuple
     return decode, prefill
 
 
-def _same_tensor(a: TensorProto, b: TensorProto) -> bool:
-    return (a.data_type == b.data_type and list(a.dims) == list(b.dims)
-            and tensors.read_bytes(a) == tensors.read_bytes(b))
-
-
-def _branch(model: onnx.ModelProto, prefix: str, init_map: dict[str, str], name: str) -> onnx.GraphProto:
-    """``model``'s nodes as an If branch: computed values prefixed, initializers read from the outer scope
-    (renamed per ``init_map``), outputs the renamed graph outputs."""
-    g = model.graph
-    outer = {i.name for i in g.input} | {t.name for t in g.initializer}
-    m = {o: prefix + o for n in g.node for o in n.output if o and o not in outer}
-    m.update(init_map)
-    nodes = [onnx.NodeProto() for _ in g.node]
-    for dst, src in zip(nodes, g.node):
-        dst.CopyFrom(src)
-        if dst.name:
-            dst.name = prefix + dst.name
-    rename_in_nodes(nodes, m)
-    outs = []
-    for o in g.output:
-        vi = onnx.ValueInfoProto()
-        vi.CopyFrom(o)
-        vi.name = m.get(o.name, o.name)
-        outs.append(vi)
-    vis = []
-    for v in g.value_info:
-        if v.name in m:
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(v)
-            vi.name = m[v.name]
-            vis.append(vi)
-    return helper.make_graph(nodes, name, [], outs, value_info=vis)
-
-
-def merge(decode: onnx.ModelProto, prefill: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """One model: If(seq_len == 1, decode graph, prefill graph), initializers shared by name where equal."""
-    dg, pg = decode.graph, prefill.graph
-    sig = lambda vs: [(v.name, v.type.SerializeToString()) for v in vs]  # noqa: E731
-    if sig(dg.input) != sig(pg.input) or [o.name for o in dg.output] != [o.name for o in pg.output]:
-        raise SystemExit("the two graphs differ in inputs/outputs; cannot branch them")
-    if decode.functions or prefill.functions:
-        raise SystemExit("model-local functions are not handled")
-    p_inits = {t.name: t for t in pg.initializer}
-    taken = taken_names(pg) | taken_names(dg)
-    init_map: dict[str, str] = {}
-    shared = renamed = 0
-    shared_bytes = extra_bytes = 0
-    outer_inits = list(pg.initializer)
-    for t in dg.initializer:
-        p = p_inits.get(t.name)
-        if p is not None and _same_tensor(t, p):
-            shared += 1
-            shared_bytes += tensors.nbytes(t)
-            continue
-        new = t
-        if p is not None:  # same name, other contents: keep both
-            new = TensorProto()
-            new.CopyFrom(t)
-            new.name = fresh_name(t.name + "_decode", taken)
-            taken.add(new.name)
-            init_map[t.name] = new.name
-            renamed += 1
-        extra_bytes += tensors.nbytes(t)
-        outer_inits.append(new)
-    then_g = _branch(decode, "decode/", init_map, "decode_step")
-    else_g = _branch(prefill, "prefill/", {}, "prefill")
-    cond_nodes = [
-        helper.make_node("Shape", ["input_ids"], ["branch/seq_len"], name="branch/Shape", start=1, end=2),
-        helper.make_node("Equal", ["branch/seq_len", "branch/one"], ["branch/is_decode"], name="branch/Equal"),
-        helper.make_node("If", ["branch/is_decode"], [o.name for o in pg.output], name="branch/If",
-                         then_branch=then_g, else_branch=else_g),
-    ]
-    outer_inits.append(helper.make_tensor("branch/one", TensorProto.INT64, [1], [1]))
-    graph = helper.make_graph(cond_nodes, pg.name or "main", list(pg.input), list(pg.output), outer_inits)
-    opsets: dict[str, int] = {}
-    for op in list(prefill.opset_import) + list(decode.opset_import):
-        opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
-                              ir_version=max(prefill.ir_version, decode.ir_version),
-                              producer_name=prefill.producer_name or "graphkit")
-    for p in prefill.metadata_props:
-        model.metadata_props.add().CopyFrom(p)
-    return model, {"shared_initializers": shared, "shared_mb": round(shared_bytes / 2**20, 2),
-                   "renamed_initializers": renamed, "decode_only_mb": round(extra_bytes / 2**20, 2)}
-
-
 def build(fp32: Path, out: Path, decode_spec: str, prefill_spec: str, singles: Path | None = None) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="decode-branch-", dir=str(out.parent)) as tmp, \
@@ -169,6 +83,7 @@ def build(fp32: Path, out: Path, decode_spec: str, prefill_spec: str, singles: P
             save_model(decode, singles / "decode.onnx")
             save_model(prefill, singles / "prefill.onnx")
         model, info = merge(decode, prefill)
+        info = {k.replace("bytes", "mb") if k.endswith("bytes") else k: (round(v / 2**20, 2) if k.endswith("bytes") else v) for k, v in info.items()}
         files = save_model(model, out)
     info.update(seconds=round(time.perf_counter() - t0, 1), bytes=sum(f.stat().st_size for f in files),
                 files=[str(f) for f in files])
