@@ -129,6 +129,87 @@ def check_files(fp32: Path, if_file: Path, prefill_file: Path, decode_file: Path
     return res
 
 
+def _decode_feeds(path: Path, D) -> dict:
+    from graphkit.tjs import tensors_to_json
+    m = onnx.load(str(path), load_external_data=False)
+    has_keep = any(i.name == "num_logits_to_keep" for i in m.graph.input)
+    if has_keep:  # decode_floor.decode_feeds knows the other inputs; it refuses this one
+        keep = [i for i in m.graph.input if i.name == "num_logits_to_keep"]
+        for i in keep:
+            m.graph.input.remove(i)
+        tmp = path.with_suffix(".inputs.onnx")
+        del m.graph.initializer[:]
+        onnx.save(m, str(tmp))
+        try:
+            feeds = D.decode_feeds(tmp)
+        finally:
+            tmp.unlink()
+        feeds.update(tensors_to_json({"num_logits_to_keep": np.array(1, np.int64)}))
+        return feeds
+    return D.decode_feeds(path)
+
+
+def graph_bench(size: str, contenders: list[str], clients: list[str], repeats: int, ops_runs: int, threads: int,
+                folders: dict[str, str]) -> None:
+    """onnxruntime session.run of one decode step (past 144, random keys/values) of each contender's real file,
+    straight in onnxruntime-web wasm (Chromium) / onnxruntime-node, each file in a process of its own (two untimed
+    warm-up sessions, then ``ops_runs`` timed runs, median), files alternated round-robin: the graph's time
+    without Transformers.js, for the RESULTS section ``decode-branch-graph-<size>``."""
+    import statistics
+    from types import SimpleNamespace
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _common as C
+    import browser as B
+    import decode_floor as D
+    B.FOLDERS.update(folders)
+    base = C.WORK / f"qwen2.5-{size}"
+    folder = C.WORK / f"decode-branch-graphs-{size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    real = {}
+    for n in contenders:  # decode_floor.real_files, plus num_logits_to_keep = 1 (Transformers.js 4.x's generate)
+        dst = folder / f"real-{n.replace(' ', '-')}.onnx"
+        if not dst.exists():
+            C.link_or_copy(B.contender_file(base, n), dst)
+        real[f"real {n}"] = {"name": f"real {n}", "file": dst.name, "feeds": _decode_feeds(dst, D)}
+    a = SimpleNamespace(ops_runs=ops_runs, threads=threads, timeout_s=900)
+
+    def run_one(key: str, rnd: int) -> dict:
+        client, name = key.split("|")
+        return D.ops_child(client, folder, a, 0, [real[f"real {name}"]])
+
+    keys = [f"{c}|{n}" for c in clients for n in contenders]
+    runs = C.alternate(keys, repeats, run_one)
+    rows = []
+    for c in clients:
+        ref = statistics.median(r["ms"]["real ours q8"] for r in runs.get(f"{c}|ours q8", [])) if "ours q8" in contenders else None
+        anc = statistics.median(r["ms"]["real anchor q8"] for r in runs.get(f"{c}|anchor q8", [])) if "anchor q8" in contenders else None
+        for n in contenders:
+            ms = [r["ms"][f"real {n}"] for r in runs[f"{c}|{n}"]]
+            med = statistics.median(ms)
+            rows.append([c, n, C.mb(C.file_bytes(B.contender_file(base, n))), f"{med:.1f} [{min(ms):.1f}–{max(ms):.1f}]",
+                         f"{ref / med:.2f}" if ref else "—", f"{anc / med:.2f}" if anc else "—",
+                         " / ".join(f"{r['others_cores']:.2f}" for r in runs[f"{c}|{n}"])])
+    table = "\n".join(["| client | file | size | session.run ms per decode step, median of rounds [min–max] | "
+                        "speed ÷ ours q8 | speed ÷ anchor q8 | others (cores) per round |", "|---|---|---|---|---|---|---|"]
+                       + ["| " + " | ".join(r) + " |" for r in rows])
+    body = f"""## If-branched q8 (issue 18): one decode step's session.run, Qwen2.5-{size} shape
+
+{C.machine()}
+
+Command: `.venv/bin/python benchmarks/decode_branch.py {" ".join(sys.argv[1:])}`. Each file's whole graph on one
+decode step's inputs (past length {D.PAST}, token 42, random keys/values), straight in onnxruntime (wasm: onnxruntime-web
+in headless Chromium, {threads} threads; node: onnxruntime-node), each file in a process of its own (two untimed
+warm-up sessions, then {ops_runs} timed runs: median), {repeats} alternated rounds; the table gives the median of
+the rounds' medians. Files: `branch` = decode-branch (decode: per-tensor DynamicQuantizeLinear form; prefill:
+today's per-token form), `branchgqa` = the same with GroupQueryAttention in the decode branch only, `pertensor` =
+the decode branch alone as a file (per-tensor everywhere, also prefill), `ours` = today's default q8, `anchor` =
+the anchor recipe's q8.
+
+{table}
+"""
+    C.write_section(f"decode-branch-graph-{size}", body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -145,7 +226,20 @@ def main() -> None:
     c.add_argument("prefill_file", type=Path)
     c.add_argument("decode_file", type=Path)
     c.add_argument("--new-tokens", type=int, default=12)
+    g = sub.add_parser("graph", help="session.run of one decode step per file (wasm / node), alternated")
+    g.add_argument("--size", default="0.5b")
+    g.add_argument("--contenders", default="branch q8,branchgqa q8,pertensor q8,ours q8,anchor q8")
+    g.add_argument("--folder", action="append", default=[], metavar="WHO=SUBDIR")
+    g.add_argument("--clients", default="wasm,node")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--ops-runs", type=int, default=9)
+    g.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.cmd == "graph":
+        graph_bench(args.size, [x.strip() for x in args.contenders.split(",") if x.strip()],
+                    [x.strip() for x in args.clients.split(",") if x.strip()], args.repeats, args.ops_runs, args.threads,
+                    dict(f.split("=", 1) for f in args.folder))
+        return
     if args.cmd == "build":
         fmt = lambda s: s.replace("{P}", str(args.max_positions))  # noqa: E731
         build(args.fp32, args.out, fmt(DECODE_SPECS.get(args.decode, args.decode)), fmt(args.prefill), args.singles)
