@@ -29,6 +29,11 @@ Guarantees:
   is the single-form file plus one copy of the graph's nodes (0.5B shape: 505.7 vs 505.4 MB).
 * Every value a branch computes is prefixed (``decode/``, ``prefill/``), so no name shadows the outer scope.
 
+Speed, measured (docs/q8.md, RESULTS.md ``browser-0.5b-decode-branch``): not faster in Transformers.js wasm at
+the Qwen2.5-0.5B shape (0.88-0.94x the anchor's q8, within noise of today's q8, erratic session.run in Chromium);
+in Node the GroupQueryAttention decode branch is the fastest q8 step measured, at +0.74 GB resident in onnxruntime.
+Hence opt-in, not a convert default.
+
 Not applicable when the input already has this pass's ``If`` (a second run) or when neither sub-pipeline
 changes the graph. Batches mixing lengths do not exist (one ``input_ids`` tensor, one sequence length).
 """
