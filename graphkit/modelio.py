@@ -433,9 +433,22 @@ def graph_skeleton(model: onnx.ModelProto, min_bytes: int = SKELETON_MIN_BYTES,
 ORT_DEFAULT_DOMAIN_CONTRIB_OPS = {"SimplifiedLayerNormalization"}
 
 
+def _all_nodes(g: onnx.GraphProto):
+    """The graph's nodes and those of its If/Loop/Scan bodies, at any depth."""
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _all_nodes(sub)
+
+
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
     """onnx.checker on the graph (weights stand aside, see graph_skeleton), naming the problem."""
-    contrib = [n for n in model.graph.node if n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and n.domain in ("", "ai.onnx")]
+    contrib = [n for n in _all_nodes(model.graph)
+               if n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and n.domain in ("", "ai.onnx")]
     if contrib:
         for n in contrib:
             n.domain = "com.microsoft"

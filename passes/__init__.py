@@ -1,6 +1,7 @@
 """Graph passes, one module per pass. ``PASSES`` maps each pass's CLI name to its class."""
 from __future__ import annotations
 
+from passes.decode_branch import DecodeBranchPass
 from passes.fp16 import Fp16Pass
 from passes.fuse_gqa import FuseGqaPass
 from passes.fuse_rmsnorm import FuseRmsNormPass
@@ -16,7 +17,7 @@ from passes.tied_embedding import TiedEmbeddingPass
 
 PASSES = {cls.name: cls for cls in (KvRenamePass, FuseRmsNormPass, FuseRotaryPass, FuseGqaPass, TiedEmbeddingPass,
                                     PackMatMulPass, PackGqaPass, MatMulNBitsPass, MatMulInt8Pass, Fp16Pass,
-                                    LogitsToKeepPass, MatMulW4Pass)}
+                                    LogitsToKeepPass, MatMulW4Pass, DecodeBranchPass)}
 
-__all__ = ["PASSES", "Fp16Pass", "FuseGqaPass", "FuseRmsNormPass", "FuseRotaryPass", "KvRenamePass", "LogitsToKeepPass",
+__all__ = ["PASSES", "DecodeBranchPass", "Fp16Pass", "FuseGqaPass", "FuseRmsNormPass", "FuseRotaryPass", "KvRenamePass", "LogitsToKeepPass",
            "MatMulInt8Pass", "MatMulNBitsPass", "MatMulW4Pass", "PackGqaPass", "PackMatMulPass", "TiedEmbeddingPass"]
