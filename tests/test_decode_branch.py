@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from graphkit.errors import GraphkitError
 from graphkit.pipeline import parse_spec, run_passes
-from passes.decode_branch import IF_NAME, DecodeBranchPass
+from passes.decode_branch import DecodeBranchPass
 from passes.matmul_int8 import MatMulInt8Pass
 from tiny_decoder import make_model, vi
 
