@@ -135,3 +135,24 @@ def run_passes(model: onnx.ModelProto, passes: list[GraphPass], check: bool = Tr
         if on_report:
             on_report(rep)
     return model, reports
+
+
+class _SubPipelines:
+    """What a pass that runs pipelines of its own (passes/decode_branch.py) is handed: this module's parse and run.
+    Handed over rather than imported, since passes/ sits below the orchestration layer (tests/test_imports.py)."""
+
+    @staticmethod
+    def parse(spec: str) -> list[GraphPass]:
+        return parse_spec(spec)
+
+    @staticmethod
+    def run(model: onnx.ModelProto, passes: list[GraphPass]) -> tuple[onnx.ModelProto, list[PassReport]]:
+        return run_passes(model, passes, keep_input=True)
+
+
+def _hand_over_sub_pipelines() -> None:
+    from passes.decode_branch import DecodeBranchPass
+    DecodeBranchPass.sub_pipelines = _SubPipelines()
+
+
+_hand_over_sub_pipelines()

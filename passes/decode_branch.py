@@ -40,6 +40,7 @@ changes the graph. Batches mixing lengths do not exist (one ``input_ids`` tensor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import onnx
 from onnx import TensorProto, helper
@@ -144,6 +145,14 @@ def merge(decode: onnx.ModelProto, prefill: onnx.ModelProto) -> tuple[onnx.Model
                    "decode_only_bytes": extra_bytes}
 
 
+class SubPipelines(Protocol):
+    """What the pass needs of the orchestration layer: parse a spec into passes, run passes on a model it keeps."""
+
+    def parse(self, spec: str) -> list[GraphPass]: ...
+
+    def run(self, model: onnx.ModelProto, passes: list[GraphPass]) -> tuple[onnx.ModelProto, list]: ...
+
+
 class DecodeBranchPass(GraphPass):
     name = "decode-branch"
     tolerance = Tolerance("top1", 0.95, "the fp32 graph",
@@ -151,6 +160,9 @@ class DecodeBranchPass(GraphPass):
                           "sequence length 1 the outputs equal the `decode` pipeline's graph's bit for bit, otherwise "
                           "the `prefill` pipeline's (tests/test_decode_branch.py)")
     mutates_input = False
+    # Set by graphkit.pipeline when it is imported: passes/ never imports the orchestration layer (tests/test_imports.py),
+    # and this is the one pass that runs pipelines of its own.
+    sub_pipelines: ClassVar[SubPipelines | None] = None
 
     @dataclass
     class Options:
@@ -159,11 +171,17 @@ class DecodeBranchPass(GraphPass):
         prefill: str = option("matmul-int8(quantize_embedding_gather=true)",
                               "the passes for every other length, '+'-separated")
 
+    @classmethod
+    def _pipelines(cls) -> SubPipelines:
+        if cls.sub_pipelines is None:
+            raise GraphkitError("decode-branch runs sub-pipelines through graphkit.pipeline: import graphkit.pipeline "
+                                "before using the pass (graphkit's CLI, convert and parse_spec do)")
+        return cls.sub_pipelines
+
     def validate_options(self) -> None:
-        from graphkit.pipeline import parse_spec
         for key in ("decode", "prefill"):
             try:
-                parse_spec(self._spec(getattr(self.options, key)))
+                self._pipelines().parse(self._spec(getattr(self.options, key)))
             except GraphkitError as exc:
                 raise GraphkitError(f"decode-branch: option {key}: {exc}") from None
 
@@ -190,9 +208,9 @@ class DecodeBranchPass(GraphPass):
         return None
 
     def rewrite(self, model: onnx.ModelProto, plan) -> PassResult:
-        from graphkit.pipeline import parse_spec, run_passes
-        decode, d_reports = run_passes(model, parse_spec(self._spec(self.options.decode)), keep_input=True)
-        prefill, p_reports = run_passes(model, parse_spec(self._spec(self.options.prefill)), keep_input=True)
+        pipelines = self._pipelines()
+        decode, d_reports = pipelines.run(model, pipelines.parse(self._spec(self.options.decode)))
+        prefill, p_reports = pipelines.run(model, pipelines.parse(self._spec(self.options.prefill)))
         if not any(r.modified for r in d_reports + p_reports):
             raise_na = "; ".join(f"{r.name.split('(')[0]}: {r.summary}" for r in d_reports + p_reports)
             return PassResult(model, False, f"not applicable: neither sub-pipeline changes the graph ({raise_na})")
