@@ -58,6 +58,9 @@ VERSION = 1
 ALIGN = 64
 
 
+CHUNK_BYTES = 64 * 2**20  # float32 bytes of weight columns quantized at a time
+
+
 @dataclass
 class MatMulW4Options(MatMulInt8Pass.Options):
     quantize_embedding_gather: bool = option(True, "store the embedding Gather table (and the tied lm_head that reads it) at 4 bits too")
@@ -94,20 +97,36 @@ class MatMulW4Pass(MatMulInt8Pass):
         packed, scales, zp = _quant.quantize_blockwise(w, 4, o.block_size, o.symmetric, name=name)
         return dequantize(packed, scales, zp, o.block_size, w.shape[0]), (packed, scales, zp)
 
+    def _four_bit_int8(self, w_KN: np.ndarray, name: str):
+        """The 4-bit parts and the int8 weight of ``w_KN`` [K, N], ``CHUNK_BYTES`` of columns at a time: every
+        block and every int8 scale belongs to one output column, so the chunks' results concatenate to exactly the
+        whole weight's, while the float temporaries stay one chunk big (the 1.5B tied table whole: ~5 GB of them)."""
+        K, N = w_KN.shape
+        step = max(1, CHUNK_BYTES // (4 * K))
+        qs, ss, parts = [], [], []
+        for a in range(0, N, step):
+            w4, chunk_parts = self._four_bit(w_KN[:, a:a + step], name)
+            q, sc = quantize_weight(w4, True, name=name)
+            qs.append(q); ss.append(sc); parts.append(chunk_parts)
+            del w4
+        joined = tuple(None if parts[0][i] is None else np.concatenate([c[i] for c in parts], 0) for i in range(3))
+        return np.concatenate(qs, 1), np.concatenate(ss, 0), joined
+
     def _record(self, q_name: str, kind: str, K: int, N: int, parts) -> None:
-        packed, scales, zp = parts
-        self._w4[q_name] = {"kind": kind, "K": K, "N": N, "parts": {"packed": packed, "scales": scales, "zp": zp}}
+        # each part becomes its tensor at once (spilled to disk inside convert's spill_to): holding every weight's
+        # 4-bit parts as arrays until the pass ends cost ~0.9 GB at the 1.5B shape
+        tensors_ = {part: tensors.new_tensor(np.ascontiguousarray(arr), q_name + PART_SEP + part)
+                    for part, arr in zip(("packed", "scales", "zp"), parts) if arr is not None}
+        self._w4[q_name] = {"kind": kind, "K": K, "N": N, "parts": tensors_}
 
     def _quantize_weight(self, w_KN, per_channel, name, q_name):
-        w4, parts = self._four_bit(w_KN, name)
-        q, s = quantize_weight(w4, True, name=name)
-        self._record(q_name, "matmul", w4.shape[0], w4.shape[1], parts)
+        q, s, parts = self._four_bit_int8(w_KN, name)
+        self._record(q_name, "matmul", q.shape[0], q.shape[1], parts)
         return q, s
 
     def _quantize_rows(self, table, name, q_name):
-        w4t, parts = self._four_bit(np.asarray(table).T, name)  # [H, V]: blocks along each token's row
-        q, s = quantize_weight(w4t, True, name=name)
-        self._record(q_name, "table", w4t.shape[0], w4t.shape[1], parts)
+        q, s, parts = self._four_bit_int8(np.asarray(table).T, name)  # [H, V]: blocks along each token's row
+        self._record(q_name, "table", q.shape[0], q.shape[1], parts)
         return np.ascontiguousarray(q.T), s
 
     def call(self, model: onnx.ModelProto) -> PassResult:
@@ -120,16 +139,14 @@ class MatMulW4Pass(MatMulInt8Pass):
             if q_name not in inits:  # quantized but not used (cannot happen today; never point at nothing)
                 continue
             names = {}
-            for part, arr in rec["parts"].items():
-                if arr is None:
-                    continue
-                pn = q_name + PART_SEP + part
-                out.graph.initializer.append(tensors.new_tensor(np.ascontiguousarray(arr), pn))
-                names[part] = pn
+            for part, t in rec["parts"].items():
+                out.graph.initializer.append(t)
+                names[part] = t.name
             entries.append({"name": q_name, "kind": rec["kind"], "K": rec["K"], "N": rec["N"],
                             "block_size": self.options.block_size, "symmetric": self.options.symmetric,
                             "parts": names})
         _set_meta(out, {"version": VERSION, "tensors": entries})
+        self._w4 = {}
         res.details["w4"] = {"weights": len(entries), "block_size": self.options.block_size,
                              "symmetric": self.options.symmetric}
         res.summary = res.summary.replace("MatMulInteger (int8", "MatMulInteger (4-bit download expanded to int8", 1)
@@ -187,37 +204,39 @@ def save_w4(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     parts = {pn for e in meta["tensors"] for pn in e["parts"].values()}
     data_name = data_file_name(path.name)
 
-    # 1. the blob
+    # 1. the blob. Section sizes come from the tensors' metadata; each section is read (and s8 recomputed) only
+    #    when it is written, so the 4-bit parts are never all in memory at once (~0.9 GB at the 1.5B shape)
     header_tensors, sections, pos_data = [], [], 0
     for e in meta["tensors"]:
         q = inits[e["name"]]
-        s8 = _scale_for(model, e, inits)
         item = {k: e[k] for k in ("name", "kind", "K", "N", "block_size")}
         item["offset"], item["length"] = pos_data, tensors.nbytes(q)
         pos_data += item["length"]
-        arrays = {p: tensors.array(inits[pn]) for p, pn in e["parts"].items()}
-        arrays["s8"] = s8.astype(np.float32).reshape(-1)
-        if not e["symmetric"] and "zp" not in arrays:
+        if not e["symmetric"] and "zp" not in e["parts"]:
             raise GraphkitError(f"{e['name']}: asymmetric 4-bit weight without zero points")
         for key in ("packed", "scales", "zp", "s8"):
-            if key not in arrays:
+            if key == "s8":
+                sections.append((item, key, e, 4 * int(e["N"])))  # one float32 per output column
+                continue
+            if key not in e["parts"]:
                 item[key] = None
                 continue
-            want = {"packed": np.uint8, "zp": np.uint8, "s8": np.float32}.get(key, arrays[key].dtype)
-            raw = np.ascontiguousarray(arrays[key]).astype(want, copy=False).tobytes()
+            t = inits[e["parts"][key]]
             if key == "scales":
-                item["scales_dtype"] = np.dtype(want).name
-            sections.append((item, key, raw))
+                item["scales_dtype"] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).name
+            elif t.data_type != TensorProto.UINT8:
+                raise GraphkitError(f"{t.name}: {key} must be uint8")
+            sections.append((item, key, t, tensors.nbytes(t)))
         header_tensors.append(item)
     header = {"version": VERSION, "data_file": data_name, "data_bytes": pos_data, "tensors": header_tensors}
     # offsets depend on the header length, which depends on the offsets: reserve room, then fill in
-    for item, key, raw in sections:
-        item[key] = [0, len(raw)]
+    for item, key, _, length in sections:
+        item[key] = [0, length]
     head_len = len(json.dumps(header).encode()) + 16 * len(sections) + 64
     pos = _align(12 + head_len)
-    for item, key, raw in sections:
-        item[key] = [pos, len(raw)]
-        pos = _align(pos + len(raw))
+    for item, key, _, length in sections:
+        item[key] = [pos, length]
+        pos = _align(pos + length)
     head = json.dumps(header).encode()
     assert len(head) <= head_len
     head = head.ljust(head_len, b" ")
@@ -225,7 +244,13 @@ def save_w4(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     tmp_blob = blob_path.with_name(f".{blob_path.name}.tmp-{os.getpid()}")
     with open(tmp_blob, "wb") as fh:
         fh.write(MAGIC + struct.pack("<II", VERSION, head_len) + head)
-        for item, key, raw in sections:
+        for item, key, source, length in sections:
+            if key == "s8":
+                raw = _scale_for(model, source, inits).astype(np.float32).reshape(-1).tobytes()
+            else:
+                raw = tensors.read_bytes(source)
+            if len(raw) != length:
+                raise GraphkitError(f"{item['name']}: {key} is {len(raw)} bytes, its header says {length}")
             fh.seek(item[key][0])
             fh.write(raw)
         fh.truncate(pos)

@@ -63,6 +63,18 @@ def test_expansion_equals_the_graphs_int8_weights(w4_model, w4_files):
 
 
 @pytest.mark.js
+def test_column_chunks_give_the_same_files(exported_example, w4_files, tmp_path, monkeypatch):
+    """matmul-w4 quantizes a weight CHUNK_BYTES of columns at a time (the 1.5B tied table whole needed ~5 GB of
+    float temporaries): every 4-bit block and int8 scale belongs to one output column, so chunks as small as a few
+    columns must write the very same .onnx and .w4bin as one chunk per weight."""
+    import passes.matmul_w4 as w4
+    monkeypatch.setattr(w4, "CHUNK_BYTES", 4 * 128 * 3)  # 3 columns of a K=128 weight per chunk
+    model, _ = run_passes(load_model(exported_example, load_external="lazy"), parse_spec("matmul-w4"))
+    onnx_path, blob = save_w4(model, tmp_path / "model_w4.onnx")
+    assert onnx_path.read_bytes() == w4_files[0].read_bytes()
+    assert blob.read_bytes() == w4_files[1].read_bytes()
+
+
 def test_js_expansion_is_byte_identical(w4_files, tmp_path):
     onnx_path, blob_path = w4_files
     work = tmp_path / "onnx"
