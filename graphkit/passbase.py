@@ -209,6 +209,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def split_top_level(spec: str, sep: str = ",") -> list[str]:
+    """``spec`` split at each ``sep`` outside parentheses, items stripped, empty ones dropped: the pass-spec
+    grammar's one splitter (passes between ``,``; a pass's options inside its parentheses; decode-branch's
+    sub-pipelines between ``+``)."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise GraphkitError(f"pass spec {spec!r}: unbalanced ')'")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur)); cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise GraphkitError(f"pass spec {spec!r}: missing ')'")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
 def coerce_option(pass_cls: type[GraphPass], key: str, raw: str) -> Any:
     """Turn the text of a pass spec option into the option's declared type."""
     hints = typing.get_type_hints(pass_cls.Options)

@@ -14,31 +14,12 @@ import onnx
 
 from graphkit.errors import GraphkitError
 from graphkit.modelio import check_model, graph_skeleton
-from graphkit.passbase import GraphPass, PassResult, coerce_option
+from graphkit.passbase import GraphPass, PassResult, coerce_option, split_top_level
 
 
 def registry() -> dict[str, type[GraphPass]]:
     from passes import PASSES
     return PASSES
-
-
-def _split_top_level(spec: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in spec:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth < 0:
-                raise GraphkitError(f"pass spec {spec!r}: unbalanced ')'")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur)); cur = []
-        else:
-            cur.append(ch)
-    if depth:
-        raise GraphkitError(f"pass spec {spec!r}: missing ')'")
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
 
 
 _ITEM = re.compile(r"^([A-Za-z0-9_\-]+)\s*(?:\((.*)\))?$", re.S)
@@ -48,7 +29,7 @@ def parse_spec(spec: str) -> list[GraphPass]:
     """Build pass objects from a spec string; unknown passes/options raise GraphkitError."""
     passes = registry()
     out: list[GraphPass] = []
-    for item in _split_top_level(spec):
+    for item in split_top_level(spec):
         m = _ITEM.match(item)
         if not m:
             raise GraphkitError(f"cannot parse pass {item!r}; expected name or name(key=value,...)")
@@ -57,7 +38,7 @@ def parse_spec(spec: str) -> list[GraphPass]:
             raise GraphkitError(f"unknown pass '{name}'; available: {', '.join(sorted(passes))} (see `graphkit passes`)")
         cls = passes[name]
         kwargs = {}
-        for kv in _split_top_level(args or ""):
+        for kv in split_top_level(args or ""):
             if "=" not in kv:
                 raise GraphkitError(f"pass '{name}': option {kv!r} must be key=value")
             key, raw = (s.strip() for s in kv.split("=", 1))

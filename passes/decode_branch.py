@@ -47,7 +47,7 @@ from onnx import TensorProto, helper
 
 from graphkit import tensors
 from graphkit.errors import GraphkitError, PassNotApplicable, PostconditionError, PreconditionError
-from graphkit.passbase import GraphPass, PassResult, Tolerance, option
+from graphkit.passbase import GraphPass, PassResult, Tolerance, option, split_top_level
 from graphkit.tjs_contract import INPUT_IDS
 from passes._graph import fresh_name, rename_in_nodes, taken_names
 
@@ -188,16 +188,8 @@ class DecodeBranchPass(GraphPass):
     @staticmethod
     def _spec(text: str) -> str:
         # a ',' between sub-passes would end the outer option, so sub-passes are separated by '+' (outside any
-        # parentheses); a sub-pass's own options keep their ',' (inside its parentheses the outer parser does not split)
-        parts, depth, cur = [], 0, []
-        for ch in text:
-            depth += (ch == "(") - (ch == ")")
-            if ch == "+" and depth == 0:
-                parts.append("".join(cur)); cur = []
-            else:
-                cur.append(ch)
-        parts.append("".join(cur))
-        return ",".join(p.strip() for p in parts if p.strip())
+        # parentheses: a sub-pass's own options keep their ',')
+        return ",".join(split_top_level(text, "+"))
 
     def match(self, model: onnx.ModelProto):
         if any(n.op_type == "If" and n.name == IF_NAME for n in model.graph.node):

@@ -115,9 +115,9 @@ class MatMulW4Pass(MatMulInt8Pass):
     def _record(self, q_name: str, kind: str, K: int, N: int, parts) -> None:
         # each part becomes its tensor at once (spilled to disk inside convert's spill_to): holding every weight's
         # 4-bit parts as arrays until the pass ends cost ~0.9 GB at the 1.5B shape
-        tensors_ = {part: tensors.new_tensor(np.ascontiguousarray(arr), q_name + PART_SEP + part)
+        stored = {part: tensors.new_tensor(np.ascontiguousarray(arr), q_name + PART_SEP + part)
                     for part, arr in zip(("packed", "scales", "zp"), parts) if arr is not None}
-        self._w4[q_name] = {"kind": kind, "K": K, "N": N, "parts": tensors_}
+        self._w4[q_name] = {"kind": kind, "K": K, "N": N, "parts": stored}
 
     def _quantize_weight(self, w_KN, per_channel, name, q_name):
         q, s, parts = self._four_bit_int8(w_KN, name)
