@@ -129,26 +129,6 @@ def check_files(fp32: Path, if_file: Path, prefill_file: Path, decode_file: Path
     return res
 
 
-def _decode_feeds(path: Path, D) -> dict:
-    from graphkit.tjs import tensors_to_json
-    m = onnx.load(str(path), load_external_data=False)
-    has_keep = any(i.name == "num_logits_to_keep" for i in m.graph.input)
-    if has_keep:  # decode_floor.decode_feeds knows the other inputs; it refuses this one
-        keep = [i for i in m.graph.input if i.name == "num_logits_to_keep"]
-        for i in keep:
-            m.graph.input.remove(i)
-        tmp = path.with_suffix(".inputs.onnx")
-        del m.graph.initializer[:]
-        onnx.save(m, str(tmp))
-        try:
-            feeds = D.decode_feeds(tmp)
-        finally:
-            tmp.unlink()
-        feeds.update(tensors_to_json({"num_logits_to_keep": np.array(1, np.int64)}))
-        return feeds
-    return D.decode_feeds(path)
-
-
 def graph_bench(size: str, contenders: list[str], clients: list[str], repeats: int, ops_runs: int, threads: int,
                 folders: dict[str, str]) -> None:
     """onnxruntime session.run of one decode step (past 144, random keys/values) of each contender's real file,
@@ -166,11 +146,11 @@ def graph_bench(size: str, contenders: list[str], clients: list[str], repeats: i
     folder = C.WORK / f"decode-branch-graphs-{size}"
     folder.mkdir(parents=True, exist_ok=True)
     real = {}
-    for n in contenders:  # decode_floor.real_files, plus num_logits_to_keep = 1 (Transformers.js 4.x's generate)
+    for n in contenders:  # as decode_floor.real_files
         dst = folder / f"real-{n.replace(' ', '-')}.onnx"
         if not dst.exists():
             C.link_or_copy(B.contender_file(base, n), dst)
-        real[f"real {n}"] = {"name": f"real {n}", "file": dst.name, "feeds": _decode_feeds(dst, D)}
+        real[f"real {n}"] = {"name": f"real {n}", "file": dst.name, "feeds": D.decode_feeds(dst)}
     a = SimpleNamespace(ops_runs=ops_runs, threads=threads, timeout_s=900)
 
     def run_one(key: str, rnd: int) -> dict:

@@ -12,7 +12,8 @@ alone, so the ``everything else = 0`` ceiling of any q8 graph is measured, not g
   packed gate/up [H, 2I], down [I, H]) chained by a Slice and a residual Add (a few hundred bytes of
   work per layer), then the tied lm_head [H, vocab]. Random N(0, 0.02) weights, quantized by our
   ``matmul-int8`` pass (per-token activations, the q8 files' form) and by the anchor recipe's
-  ``quantize_dynamic`` (DynamicQuantizeLinear per tensor); plus ours without the head and the head alone.
+  ``quantize_dynamic`` (DynamicQuantizeLinear per tensor), by ``matmul-int8(activations=per-token-dql)`` (rows
+  divided by their max|x|, then the fused DynamicQuantizeLinear form); plus ours without the head and the head alone.
 * Each is run straight in onnxruntime-web wasm in headless Chromium (2 threads, cross-origin isolated)
   and in onnxruntime-node, with input A [1, H] (a decode step): 2 untimed runs, then ``--ops-runs``
   timed, median. Each child opens with two untimed warm-up sessions of the full ``ours`` step: a fresh page
@@ -48,6 +49,8 @@ import browser as B  # noqa: E402
 STEP_FORMS = (  # (key, label, file) — label as shown in the table
     ("ours", "ours q8 form (per-token MatMulInteger), layers + head", "step-ours-q8.onnx"),
     ("anchor", "anchor q8 form (DynamicQuantizeLinear + MatMulInteger), layers + head", "step-anchor-q8.onnx"),
+    ("dql", "per-token-dql form (rows ÷ max|x|, DynamicQuantizeLinear + MatMulInteger), layers + head",
+     "step-dql-q8.onnx"),
     ("ours-nohead", "ours q8 form, layers only", "step-ours-q8-nohead.onnx"),
     ("ours-head", "ours q8 form, lm_head only", "step-ours-q8-head.onnx"),
 )
@@ -115,6 +118,8 @@ def build(folder: Path, cfg: dict) -> None:
         if key == "anchor":
             C.run_child("_common.py", "anchor_q8", {"src": str(fp32), "out": str(part), "weight_type": "QUInt8"})
             onnx.save(onnx.load(str(part)), str(part))  # quantize_dynamic may leave external data: make it one file
+        elif key == "dql":
+            B._apply(fp32, part, "matmul-int8(activations=per-token-dql)")
         else:
             B._apply(fp32, part, "matmul-int8")  # graphkit writes one file below 2 GB
         part.replace(folder / file)
@@ -125,7 +130,8 @@ def build(folder: Path, cfg: dict) -> None:
 
 def decode_feeds(model: Path, past: int = PAST) -> dict:
     """One decode step's inputs for a Transformers.js decoder file, in the harness's JSON tensor form: token 42 at
-    position ``past``, an all-ones mask, random N(0, 1) past keys/values of length ``past``."""
+    position ``past``, an all-ones mask, random N(0, 1) past keys/values of length ``past``, and
+    ``num_logits_to_keep`` = 1 where the file has it (what Transformers.js 4.x's generate feeds)."""
     import numpy as np
     import onnx
     from graphkit.tjs import tensors_to_json
@@ -139,6 +145,8 @@ def decode_feeds(model: Path, past: int = PAST) -> dict:
             feeds[vi.name] = np.ones((1, past + 1), np.int64)
         elif vi.name == "position_ids":
             feeds[vi.name] = np.array([[past]], np.int64)
+        elif vi.name == "num_logits_to_keep":
+            feeds[vi.name] = np.array(1, np.int64)
         elif vi.name.startswith("past_key_values.") and len(dims) == 4 and dims[1] and dims[3]:
             feeds[vi.name] = rng.standard_normal((1, dims[1], past, dims[3])).astype(np.float32)
         else:
@@ -234,7 +242,7 @@ def main() -> None:
         anchor = tjs.get("anchor q8")
         for key, label, file in STEP_FORMS:
             rows.append([client, f"GEMMs only: {label}", C.mb(C.file_bytes(folder / file)), f"{gemm[key]:.1f}", "—",
-                         f"{anchor / gemm[key]:.2f}" if anchor and key in ("ours", "anchor") else "—"])
+                         f"{anchor / gemm[key]:.2f}" if anchor and key in ("ours", "anchor", "dql") else "—"])
         for n in contenders:
             real = statistics.median(g["ms"][f"real {n}"] for g in runs[f"{client}|graph"])
             rows.append([client, f"onnxruntime session.run, {n} file (one decode step, past {PAST})",

@@ -11,6 +11,17 @@ becomes a ``MatMulInteger`` on a uint8 activation and an int8 weight. Two activa
     MatMulInteger(A_q, W_q int8 [K, N], 128 uint8 scalar, 0 int8 scalar) ──► int32
     Cast(to=float) ──► Mul(·, W_scale) ──► Mul(·, s) ──► original output
 
+``activations="per-token-dql"``: per-token accuracy in the form onnxruntime fuses. Each row is divided by
+its own ``max|x|``, so one DynamicQuantizeLinear scale fits every token (a step of at most 2/255 of each row's
+range, as per-token's 1/127), and the row scale is multiplied back after the integer product::
+
+    r   = Max(ReduceMax(Abs(A), axes=[-1], keepdims=1), 1e-30)                 float [..., 1]
+    A_q, A_scale, A_zp = DynamicQuantizeLinear(A / r)
+    MatMulInteger(A_q, W_q, A_zp, 0) ──► Cast ──► Mul(·, Mul(A_scale, W_scale)) ──► Mul(·, r)
+
+onnxruntime folds the middle into ``DynamicQuantizeMatMul`` (one kernel quantizes A and applies the scales in
+the GEMM's output stage), so a quantizer costs five nodes instead of per-token's eleven.
+
 ``activations="per-tensor"``: the standard q8 form, one scale for the whole tensor::
 
     A ──DynamicQuantizeLinear──► A_q (uint8), A_scale (float scalar), A_zp (uint8 scalar)
@@ -70,6 +81,9 @@ from graphkit.passbase import GraphPass, PassResult, Tolerance, option
 from graphkit.tjs_contract import LOGITS
 
 QMAX = 127  # symmetric int8 weights use [-127, 127]
+
+_QUANTIZER_LABEL = {"per-token": "per-token activation quantizers", "per-tensor": "DynamicQuantizeLinear",
+                    "per-token-dql": "row-normalized DynamicQuantizeLinear"}
 
 # Work on at most this many weight elements at a time (float32 temporaries).
 _CHUNK_ELEMENTS = 1 << 23
@@ -142,19 +156,32 @@ def per_token_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (np.rint(x / s) + 128).astype(np.uint8), s
 
 
+def row_normalized_quantize(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.uint8, np.ndarray]:
+    """numpy reference of the ``per-token-dql`` quantizer: ``(q uint8, s float32, zp uint8, r float32 [..., 1])``
+    with ``r = max(max|x_row|, 1e-30)`` and ``(q, s, zp) = DynamicQuantizeLinear(x / r)``; ``x ≈ (q - zp) * s * r``."""
+    x = np.asarray(x, np.float32)
+    r = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-30)).astype(np.float32)
+    q, s, zp = dynamic_quantize_linear(x / r)
+    return q, s, zp, r
+
+
 def int8_error_bound(x: np.ndarray, w_KN: np.ndarray, per_channel: bool = True,
                      activations: str = "per-tensor") -> np.ndarray:
     """Worst-case ``|y - x @ W|`` of the emitted pattern, elementwise over ``x @ W``'s shape.
 
     ``sum_k |x_k| * s_w[n] / 2 + |W_kn| * s_x / 2 + s_x * s_w[n] / 4`` with ``s_w`` the weight
     scale and ``s_x`` the activation step: the DynamicQuantizeLinear scale of the whole tensor
-    (``per-tensor``) or ``max|x_row| / 127`` of each row (``per-token``).
+    (``per-tensor``), ``max|x_row| / 127`` of each row (``per-token``), or the DynamicQuantizeLinear scale of
+    the row-normalized tensor times ``max|x_row|`` (``per-token-dql``: at most ``2 max|x_row| / 255``).
     """
     x = np.asarray(x, np.float64)
     w = np.asarray(w_KN, np.float64)
     s_w = weight_scales(w_KN, per_channel).astype(np.float64)
     if activations == "per-token":
         s_x = np.abs(x).max(axis=-1, keepdims=True) / QMAX
+    elif activations == "per-token-dql":
+        _, s, _, r = row_normalized_quantize(x)
+        s_x = float(s) * r.astype(np.float64)
     else:
         s_x = float(dynamic_quantize_linear(x)[1])
     K = w.shape[0]
@@ -207,8 +234,8 @@ class MatMulInt8Pass(GraphPass):
                           "and mean KL < 0.01 nats end to end with the defaults (docs/q8.md); each rewritten MatMul "
                           "y = x @ W obeys |y - x@W| <= sum_k |x_k|*s_w[n]/2 + |W_kn|*s_x/2 + s_x*s_w[n]/4, with "
                           "s_w[n] = max|W[:,n]|/127 (max|W|/127 if per_channel=false) and s_x = max|x_row|/127 per "
-                          "token (activations=per-token) or the DynamicQuantizeLinear scale (max(x,0)-min(x,0))/255 of "
-                          "the whole tensor (per-tensor); embedding rows (quantize_embedding_gather) within max|row|/254")
+                          "token (activations=per-token), the DynamicQuantizeLinear scale (max(x,0)-min(x,0))/255 of "
+                          "the whole tensor (per-tensor) or that scale of x/max|x_row| times max|x_row| (per-token-dql); embedding rows (quantize_embedding_gather) within max|row|/254")
     mutates_input = False
 
     @dataclass
@@ -218,12 +245,13 @@ class MatMulInt8Pass(GraphPass):
         exclude: list[str] = option([], "skip MatMul nodes whose name matches one of these globs")
         lm_head: Literal["keep", "int8", "only"] = option("int8", "the vocabulary projection (the MatMul producing `logits`, or reading the tied embedding table): quantize to int8, keep float, or quantize only it (the body is left to another pass: q4 for Transformers.js 3.x)")
         quantize_embedding_gather: bool = option(False, "store the embedding Gather table as int8 with one scale per row (token)")
-        activations: Literal["per-token", "per-tensor"] = option("per-token", "activation scale: one symmetric scale per token (row), robust to massive activations; or per-tensor DynamicQuantizeLinear (the standard q8 form, fused by ORT)")
+        activations: Literal["per-token", "per-token-dql", "per-tensor"] = option("per-token", "activation scale: one symmetric scale per token (row), robust to massive activations; per-token-dql: rows divided by their max|x| then one DynamicQuantizeLinear (per-token accuracy in the form ORT fuses into DynamicQuantizeMatMul); or per-tensor DynamicQuantizeLinear (the standard q8 form, fused by ORT)")
         fold_bias: bool = option(True, "put a following constant bias Add in the form onnxruntime fuses into MatMulIntegerToFloat")
 
     def validate_options(self) -> None:
-        if self.options.activations not in ("per-tensor", "per-token"):
-            raise GraphkitError(f"matmul-int8: activations must be 'per-tensor' or 'per-token', got {self.options.activations!r}")
+        if self.options.activations not in ("per-tensor", "per-token", "per-token-dql"):
+            raise GraphkitError("matmul-int8: activations must be 'per-token', 'per-token-dql' or 'per-tensor', "
+                                f"got {self.options.activations!r}")
         if self.options.lm_head not in ("keep", "int8", "only"):
             raise GraphkitError(f"matmul-int8: lm_head must be 'keep', 'int8' or 'only', got {self.options.lm_head!r}")
         for key in ("include", "exclude"):
@@ -386,10 +414,12 @@ class MatMulInt8Pass(GraphPass):
         dql_for: dict[str, tuple[str, str, str]] = {}
         dql_node_at: dict[int, list[onnx.NodeProto]] = {}  # id(first MatMul) -> activation-quantize nodes
         per_token = opt.activations == "per-token"
+        row_normalized = opt.activations == "per-token-dql"
+        row_scale_for: dict[str, str] = {}
         zp_name = fresh("q8_weight_zero_point")
         if sites:
             new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zp_name))
-        if sites and per_token:
+        if sites and (per_token or row_normalized):
             c127, ctiny, a_zp = fresh("q8_127"), fresh("q8_tiny_scale"), fresh("q8_act_zero_point")
             c128 = fresh("q8_128")
             new_inits += [numpy_helper.from_array(np.array(QMAX, np.float32), c127),
@@ -427,6 +457,23 @@ class MatMulInt8Pass(GraphPass):
                         helper.make_node("Cast", [t["shift"]], [aq], fresh(act + "_to_uint8"), to=TensorProto.UINT8),
                     ]
                     azp = a_zp
+                elif row_normalized:
+                    # each row divided by its max|x|, so one DynamicQuantizeLinear scale serves every token
+                    # (about 2/255 of each row's range, as per-token's 1/127) in the form ORT fuses
+                    t = {k: fresh(f"{act}_{k}") for k in ("abs", "absmax", "row_scale", "normalized")}
+                    azp = fresh(act + "_zero_point")
+                    reduce = (helper.make_node("ReduceMax", [t["abs"], c_axes], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1)
+                              if opset >= 18 else
+                              helper.make_node("ReduceMax", [t["abs"]], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1, axes=[-1]))
+                    nodes_q = [
+                        helper.make_node("Abs", [act], [t["abs"]], fresh(act + "_Abs")),
+                        reduce,
+                        helper.make_node("Max", [t["absmax"], ctiny], [t["row_scale"]], fresh(act + "_row_scale")),
+                        helper.make_node("Div", [act, t["row_scale"]], [t["normalized"]], fresh(act + "_normalize")),
+                        helper.make_node("DynamicQuantizeLinear", [t["normalized"]], [aq, asc, azp],
+                                         fresh(act + "_DynamicQuantizeLinear")),
+                    ]
+                    row_scale_for[act] = t["row_scale"]
                 else:
                     azp = fresh(act + "_zero_point")
                     nodes_q = [helper.make_node("DynamicQuantizeLinear", [act], [aq, asc, azp],
@@ -480,6 +527,13 @@ class MatMulInt8Pass(GraphPass):
                     helper.make_node("Mul", [castn, wsn], [scl], fresh(base + "_weight_scale_mul")),
                     helper.make_node("Mul", [scl, asc], [n.output[0]], fresh(base + "_token_scale_mul")),
                 ]
+            elif row_normalized:
+                unrow = fresh(base + "_normalized_output")
+                nodes += [
+                    helper.make_node("Mul", [asc, wsn], [scl], fresh(base + "_scales_mul")),
+                    helper.make_node("Mul", [castn, scl], [unrow], fresh(base + "_output_scale_mul")),
+                    helper.make_node("Mul", [unrow, row_scale_for[act]], [n.output[0]], fresh(base + "_row_scale_mul")),
+                ]
             else:
                 nodes += [
                     helper.make_node("Mul", [asc, wsn], [scl], fresh(base + "_scales_mul")),
@@ -520,7 +574,7 @@ class MatMulInt8Pass(GraphPass):
 
         total = sum(1 for n in g.node if n.op_type == "MatMulInteger")
         summary = (f"{stats['matmuls']} MatMul -> MatMulInteger (int8 {'per-channel' if opt.per_channel else 'per-tensor'} "
-                   f"weights, {len(dql_for)} {'per-token activation quantizers' if per_token else 'DynamicQuantizeLinear'}, "
+                   f"weights, {len(dql_for)} {_QUANTIZER_LABEL[opt.activations]}, "
                    f"{stats['shared_dql']} shared)"
                    + (f", {stats['gathers']} embedding Gather int8 per-row" if stats["gathers"] else "")
                    + (", lm_head reads the int8 embedding table" if stats["tied_lm_head_shared"] else ""))

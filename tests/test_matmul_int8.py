@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphkit.errors import GraphkitError, PassNotApplicable
 from graphkit.passbase import coerce_option
 from passes.matmul_int8 import (MatMulInt8Pass, dynamic_quantize_linear, int8_error_bound, per_token_quantize,
-                                quantize_rows, quantize_weight)
+                                quantize_rows, quantize_weight, row_normalized_quantize)
 from tiny_decoder import make_model, vi
 
 
@@ -44,7 +44,7 @@ def _inits(model) -> dict[str, np.ndarray]:
 
 
 
-@pytest.mark.parametrize("activations", ["per-token", "per-tensor"])
+@pytest.mark.parametrize("activations", ["per-token", "per-token-dql", "per-tensor"])
 def test_rewrite_matches_x_at_w_within_int8_bound(activations):
     RNG = np.random.default_rng(0)
     W = RNG.normal(0, 0.05, (96, 40)).astype(np.float32)
@@ -54,7 +54,7 @@ def test_rewrite_matches_x_at_w_within_int8_bound(activations):
     assert res.modified and res.details["activations"] == activations
     ops = _ops(res.model)
     assert ops["MatMul"] == 0 and ops["MatMulInteger"] == 1
-    assert ops["DynamicQuantizeLinear"] == (1 if activations == "per-tensor" else 0)
+    assert ops["DynamicQuantizeLinear"] == (0 if activations == "per-token" else 1)
     # dtypes of the emitted pattern: uint8 A, int8 [K, N] weight, int8 scalar zero point 0, float32 [N] scale
     mmi = next(n for n in res.model.graph.node if n.op_type == "MatMulInteger")
     inits = _inits(res.model)
@@ -69,6 +69,9 @@ def test_rewrite_matches_x_at_w_within_int8_bound(activations):
     q, sw = quantize_weight(W)
     if activations == "per-tensor":
         xq, sx, zx = dynamic_quantize_linear(x)
+    elif activations == "per-token-dql":
+        xq, s_norm, zx, r = row_normalized_quantize(x)
+        sx = s_norm * r
     else:
         (xq, sx), zx = per_token_quantize(x), 128
     emu = ((xq.astype(np.int32) - int(zx)) @ q.astype(np.int32)).astype(np.float32) * sw * sx
@@ -97,7 +100,7 @@ def test_per_channel_scales_are_max_abs_column_over_127():
     assert np.all(y[:, 5] == 0)
 
 
-@pytest.mark.parametrize("activations", ["per-token", "per-tensor"])
+@pytest.mark.parametrize("activations", ["per-token", "per-token-dql", "per-tensor"])
 def test_one_activation_quantizer_per_activation_is_shared(activations):
     RNG = np.random.default_rng(0)
     Wq, Wk, Wv, Wo = (RNG.normal(0, 0.05, s).astype(np.float32) for s in [(64, 64), (64, 32), (64, 32), (64, 64)])
@@ -110,6 +113,8 @@ def test_one_activation_quantizer_per_activation_is_shared(activations):
     assert res.details["shared_dql"] == 1
     if activations == "per-tensor":
         assert ops["DynamicQuantizeLinear"] == 2
+    elif activations == "per-token-dql":
+        assert ops["DynamicQuantizeLinear"] == 2 and ops["ReduceMax"] == 2 and ops["Round"] == 0
     else:
         assert ops["ReduceMax"] == 2 and ops["Round"] == 2
     users = lambda t: sum(t in n.input for n in res.model.graph.node)  # noqa: E731
@@ -331,9 +336,10 @@ def test_end_to_end_shipped_example_top1_agreement(example_dir, tmp_path):
     texts = ["<|im_start|>user\nRedacta la epicrisis del paciente: varón de 67 años, neumonía adquirida en la "
              "comunidad.<|im_end|>\n<|im_start|>assistant\n", "Paciente de 54 años que ingresa por"]
     prompts = [tok(t)["input_ids"] for t in texts]
-    res = MatMulInt8Pass()(onnx.load(str(fp32)))
-    top1, kl = _agreement(fp32, res.model, prompts)
-    assert top1 >= 0.95 and kl < 0.01, (top1, kl)
+    for activations in ("per-token", "per-token-dql"):  # the default, and the same accuracy in ORT's fused form
+        res = MatMulInt8Pass(activations=activations)(onnx.load(str(fp32)))
+        top1, kl = _agreement(fp32, res.model, prompts)
+        assert top1 >= 0.95 and kl < 0.01, (activations, top1, kl)
 
 
 def test_per_token_activations_are_not_swamped_by_one_massive_token(tmp_path):
@@ -363,16 +369,25 @@ def test_per_token_activations_are_not_swamped_by_one_massive_token(tmp_path):
     others = [t for t in range(12) if t != 3]
     rel = lambda y: np.linalg.norm((y - ref)[0, others]) / np.linalg.norm(ref[0, others])  # noqa: E731
     assert rel(y_tok) < 0.02 and rel(y_pt) > 5 * rel(y_tok), (rel(y_tok), rel(y_pt))
+    # per-token-dql: the same per-row accuracy, in the form onnxruntime fuses into one DynamicQuantizeMatMul
+    dql = MatMulInt8Pass(activations="per-token-dql")(m).model
+    y_dql = _run(dql, {"x": x}, opt_path=opt)[0]
+    fused = _ops(onnx.load(str(opt)))
+    assert fused["DynamicQuantizeMatMul"] == 1 and fused["MatMulInteger"] == 0 and fused["Round"] == 0, fused
+    assert np.all(np.abs(y_dql - ref) <= int8_error_bound(x, W, activations="per-token-dql") * 1.001 + 1e-5)
+    assert rel(y_dql) < 1.2 * rel(y_tok) and rel(y_pt) > 5 * rel(y_dql), (rel(y_dql), rel(y_tok))
 
 
 def test_per_token_on_opset_17_and_18_graphs():
     RNG = np.random.default_rng(0)
     W = RNG.normal(0, 0.05, (32, 8)).astype(np.float32)
-    x = RNG.normal(size=(5, 32)).astype(np.float32)
-    for opset in (17, 18):
+    for opset, activations in [(17, "per-token"), (18, "per-token"), (17, "per-token-dql"), (18, "per-token-dql")]:
+        x = RNG.normal(size=(5, 32)).astype(np.float32)
         m = _model({"W": W}, [("mm", "x", "W", "y")], {"x": 32}, ["y"], opset=opset)
-        out = MatMulInt8Pass(activations="per-token")(m).model
+        out = MatMulInt8Pass(activations=activations)(m).model
         y = _run(out, {"x": x})[0]
-        assert np.all(np.abs(y - x @ W) <= int8_error_bound(x, W, activations="per-token") * 1.001 + 1e-5)
+        assert np.all(np.abs(y - x @ W) <= int8_error_bound(x, W, activations=activations) * 1.001 + 1e-5)
         x[2] = 0.0  # an all-zero row: scale floor, no NaN
         assert np.isfinite(_run(out, {"x": x})[0]).all() and not _run(out, {"x": x})[0][2].any()
+        y0 = _run(out, {"x": np.zeros_like(x)})[0]  # an all-zero tensor (DynamicQuantizeLinear's scale 0)
+        assert np.isfinite(y0).all() and not y0.any()
