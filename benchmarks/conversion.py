@@ -13,6 +13,7 @@ ru_maxrss = GNU time's "Maximum resident set size"):
   ``ours-fp32`` (``--dtypes fp32``: the export alone) and ``ours-ts`` (the same with
   ``--exporter torchscript``): diagnostics for where our time and memory go; ``ours-data``
   (``--calibration`` the example's train.jsonl, 64 samples: the calibrated path on the user's data, all five dtypes);
+  ``ours-w4`` (``--dtypes w4``: the opt-in 4-bit download, not a default dtype);
 * ``anchor`` the recipe Transformers.js users follow, three processes (times add up, peak = max):
   legacy ``torch.onnx.export(dynamo=False, opset 17)`` + one external data file when > 2 GB;
   ``MatMulNBitsQuantizer(block_size=32, is_symmetric=True)``; ``convert_float_to_float16(keep_io_types=True)``;
@@ -43,6 +44,7 @@ OURS = {"ours": (ALL_DTYPES, [], "ours", "(all five dtypes)"),
         "ours-data": (ALL_DTYPES, ["--calibration", str(C.EXAMPLE / "data" / "train.jsonl")], "ours-data",
                       "--calibration train.jsonl (the example's fine-tuning data, 64 samples; all five dtypes)"),
         "ours-fuse": (ALL_DTYPES, ["--fuse"], "ours-fuse", "--fuse (all five dtypes)"),
+        "ours-w4": ("w4", [], "ours-w4", "--dtypes w4 (the 4-bit download wasm runs as int8, docs/w4.md)"),
         "ours-fp32": ("fp32", [], "ours-fp32", "--dtypes fp32 (the export alone)"),
         "ours-nostream": (ALL_DTYPES, ["--no-stream"], "ours-nostream", "--no-stream (in-memory export, all five dtypes)"),
         "ours-ts": ("fp32", ["--exporter", "torchscript"], "ours-ts", "--dtypes fp32 --exporter torchscript")}
@@ -107,7 +109,7 @@ def main() -> None:
     ap.add_argument("--size", default="0.5b", choices=sorted(B.SIZES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--contenders", default="ours,ours3,anchor,genai",
-                    help="any of ours, ours3, ours-data, ours-fuse, ours-fp32, ours-ts, ours-nostream, anchor, genai (another set: its own section)")
+                    help="any of ours, ours3, ours-data, ours-fuse, ours-w4, ours-fp32, ours-ts, ours-nostream, anchor, genai (another set: its own section)")
     ap.add_argument("--from-runs", type=Path, default=None,
                     help="re-render the section from a stored conversion-runs-*.json of the same --size/--contenders")
     a = ap.parse_args()
@@ -139,7 +141,7 @@ def main() -> None:
     if not a.from_runs:
         (base / f"conversion-runs-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
             json.dumps({c: [{k: v for k, v in r.items() if k not in ("stdout", "stderr")} for r in rs] for c, rs in runs.items()}, indent=1))
-    for c in ("ours3", "ours-data", "ours-fp32", "ours-ts", "ours-nostream"):  # same files as ours (or diagnostics): keep the disk free
+    for c in ("ours3", "ours-data", "ours-w4", "ours-fp32", "ours-ts", "ours-nostream"):  # same files as ours (or diagnostics): keep the disk free
         shutil.rmtree(outs[c], ignore_errors=True)
 
     labels = {c: f"ours: `graphkit convert` {OURS[c][3]}" for c in OURS}
