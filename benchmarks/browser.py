@@ -33,8 +33,8 @@ whether they equal Python onnxruntime's on the same file. Random weights make ar
 greedy prefixes are fragile; the teacher-forced numbers are the steadier quality figure.
 
 Every invocation stores its raw runs as ``browser-runs/<group>.json`` in the model folder (``--group``,
-default: the clients joined by '+'); the RESULTS.md section ``browser-<size>`` shows every stored group,
-one table each, so slow browser contenders can run in their own locked window. Ratios only compare
+default: the clients joined by '+') with its ``--section``; the RESULTS.md section ``browser-<size>[-<section>]``
+shows every stored group of that section, one table each, so slow browser contenders can run in their own locked window. Ratios only compare
 runs of the same group.
 """
 from __future__ import annotations
@@ -285,8 +285,10 @@ def limits_table(base: Path) -> str:
     return C.table(["dtype", "file", "size", "browser limits it breaks (convert's warning)"], rows)
 
 
-def render(base: Path, size: str, limits: bool = False) -> str:
-    groups = [json.loads(p.read_text()) for p in sorted((base / "browser-runs").glob("*.json"))]
+def render(base: Path, size: str, limits: bool = False, section: str = "") -> str:
+    """The RESULTS.md section of the groups stored with this ``--section`` suffix (each measurement in one section)."""
+    groups = [g for p in sorted((base / "browser-runs").glob("*.json"))
+              if (g := json.loads(p.read_text())).get("section", "") == section]
     groups.sort(key=lambda g: g["time"])
     parts = [f"## Transformers.js speed: Node vs Chromium (wasm, WebGPU), random-weight Qwen2.5-{size} shape\n",
              groups[-1]["machine"] if groups else "",
@@ -644,8 +646,8 @@ def main() -> None:
         run_ops(a)
         return
     base = C.WORK / f"qwen2.5-{a.size}"
-    # The section shows every group stored in this model folder; a fresh machine has only its own, so a later
-    # session names its own section rather than replacing the earlier sessions' tables.
+    # The section shows the groups stored in this model folder with the same --section; a fresh machine has only
+    # its own, so a later session names its own section rather than replacing the earlier sessions' tables.
     section = f"browser-{a.size}" + (f"-{a.section}" if a.section else "")
     for item in a.folder:
         who, sep, sub = item.partition("=")
@@ -653,7 +655,7 @@ def main() -> None:
             raise SystemExit(f"--folder {item!r}: expected WHO=SUBDIR")
         FOLDERS[who.strip()] = sub.strip()
     if a.render_only:
-        C.write_section(section, render(base, a.size, a.limits))
+        C.write_section(section, render(base, a.size, a.limits, a.section))
         return
     clients = [c.strip() for c in a.clients.split(",") if c.strip()]
     if bad := [c for c in clients if c not in CLIENTS]:
@@ -706,7 +708,7 @@ def main() -> None:
     group = a.group or "+".join(clients)
 
     def store(quality: dict | None) -> None:
-        record = {"group": group, "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": C.machine(),
+        record = {"group": group, "section": a.section, "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": C.machine(),
                   "command": "benchmarks/browser.py " + " ".join(sys.argv[1:]), "clients": clients,
                   "contenders": contenders, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                   "threads": a.threads, "warmup_tokens": a.warmup_tokens, "repeats": a.repeats, "runs": a.runs,
@@ -716,7 +718,7 @@ def main() -> None:
                           for k, rs in runs.items()}}
         (base / "browser-runs").mkdir(exist_ok=True)
         (base / "browser-runs" / f"{group}.json").write_text(json.dumps(record, indent=1))
-        C.write_section(section, render(base, a.size, a.limits))
+        C.write_section(section, render(base, a.size, a.limits, a.section))
 
     store(None)  # the timings are kept even if the agreement child below is stopped
     if not a.no_quality:

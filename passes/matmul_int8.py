@@ -419,17 +419,27 @@ class MatMulInt8Pass(GraphPass):
         zp_name = fresh("q8_weight_zero_point")
         if sites:
             new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zp_name))
-        if sites and (per_token or row_normalized):
-            c127, ctiny, a_zp = fresh("q8_127"), fresh("q8_tiny_scale"), fresh("q8_act_zero_point")
-            c128 = fresh("q8_128")
-            new_inits += [numpy_helper.from_array(np.array(QMAX, np.float32), c127),
-                          numpy_helper.from_array(np.array(1e-30, np.float32), ctiny),
-                          numpy_helper.from_array(np.array(128, np.float32), c128),
-                          numpy_helper.from_array(np.array(128, np.uint8), a_zp)]
+        if sites and (per_token or row_normalized):  # both start from each row's max|x|
+            if per_token:  # names and order as before per-token-dql existed: the q8 files' bytes stay the same
+                c127, ctiny, a_zp = fresh("q8_127"), fresh("q8_tiny_scale"), fresh("q8_act_zero_point")
+                c128 = fresh("q8_128")
+            else:
+                ctiny = fresh("q8_tiny_scale")
+            tiny = numpy_helper.from_array(np.array(1e-30, np.float32), ctiny)
+            new_inits += ([numpy_helper.from_array(np.array(QMAX, np.float32), c127), tiny,
+                           numpy_helper.from_array(np.array(128, np.float32), c128),
+                           numpy_helper.from_array(np.array(128, np.uint8), a_zp)] if per_token else [tiny])
             opset = _default_opset(out)
             if opset >= 18:
                 c_axes = fresh("q8_last_axis")
                 new_inits.append(numpy_helper.from_array(np.array([-1], np.int64), c_axes))
+
+        def row_absmax(act: str, t: dict[str, str]) -> list[onnx.NodeProto]:
+            """``t["absmax"] = ReduceMax(Abs(act), axes=[-1], keepdims=1)`` in the opset's ReduceMax form."""
+            reduce = (helper.make_node("ReduceMax", [t["abs"], c_axes], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1)
+                      if opset >= 18 else
+                      helper.make_node("ReduceMax", [t["abs"]], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1, axes=[-1]))
+            return [helper.make_node("Abs", [act], [t["abs"]], fresh(act + "_Abs")), reduce]
         replacements: dict[int, list[onnx.NodeProto]] = {}
         bias_swaps: list[onnx.NodeProto] = []
         wq_cache: dict[tuple[str, bool], tuple[str, str]] = {}
@@ -443,12 +453,7 @@ class MatMulInt8Pass(GraphPass):
                 if per_token:
                     # symmetric per-row (token) scale max|x_row|/127, uint8 with a fixed zero point 128
                     t = {k: fresh(f"{act}_{k}") for k in ("abs", "absmax", "scale0", "div", "round", "shift")}
-                    reduce = (helper.make_node("ReduceMax", [t["abs"], c_axes], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1)
-                              if opset >= 18 else
-                              helper.make_node("ReduceMax", [t["abs"]], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1, axes=[-1]))
-                    nodes_q = [
-                        helper.make_node("Abs", [act], [t["abs"]], fresh(act + "_Abs")),
-                        reduce,
+                    nodes_q = row_absmax(act, t) + [
                         helper.make_node("Div", [t["absmax"], c127], [t["scale0"]], fresh(act + "_scale_div")),
                         helper.make_node("Max", [t["scale0"], ctiny], [asc], fresh(act + "_scale_floor")),
                         helper.make_node("Div", [act, asc], [t["div"]], fresh(act + "_Div")),
@@ -462,12 +467,7 @@ class MatMulInt8Pass(GraphPass):
                     # (about 2/255 of each row's range, as per-token's 1/127) in the form ORT fuses
                     t = {k: fresh(f"{act}_{k}") for k in ("abs", "absmax", "row_scale", "normalized")}
                     azp = fresh(act + "_zero_point")
-                    reduce = (helper.make_node("ReduceMax", [t["abs"], c_axes], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1)
-                              if opset >= 18 else
-                              helper.make_node("ReduceMax", [t["abs"]], [t["absmax"]], fresh(act + "_ReduceMax"), keepdims=1, axes=[-1]))
-                    nodes_q = [
-                        helper.make_node("Abs", [act], [t["abs"]], fresh(act + "_Abs")),
-                        reduce,
+                    nodes_q = row_absmax(act, t) + [
                         helper.make_node("Max", [t["absmax"], ctiny], [t["row_scale"]], fresh(act + "_row_scale")),
                         helper.make_node("Div", [act, t["row_scale"]], [t["normalized"]], fresh(act + "_normalize")),
                         helper.make_node("DynamicQuantizeLinear", [t["normalized"]], [aq, asc, azp],
